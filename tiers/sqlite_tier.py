@@ -1,0 +1,358 @@
+"""The SQLite tier backend, used for LTM: one database file per shard."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tiers.base import Meta, Record, TierWrites
+from tiers.checks import (
+    WATERMARK_NAME,
+    check_control,
+    check_control_name,
+    check_identity,
+    check_watermark,
+    check_writes,
+)
+from tiers.codec import (
+    Compression,
+    ValueCodec,
+    compression_for,
+    decode_meta,
+    encode_meta,
+)
+from tiers.digest import digest_sorted_records
+from tiers.errors import CorruptDataError, storage_errors
+
+__all__ = ["SCHEMA_VERSION", "SqliteTier"]
+
+# Stored in `PRAGMA user_version`; a file with another version is rejected.
+SCHEMA_VERSION = 1
+
+# TEXT columns compare with SQLite's default BINARY collation, which compares
+# UTF-8 bytes, so ORDER BY namespace, key is code point order, as in Python.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    meta BLOB NOT NULL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS control (
+    name TEXT NOT NULL PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS identity (
+    tier TEXT NOT NULL,
+    shard INTEGER NOT NULL
+);
+"""
+
+# Well below SQLite's limit of 999 bound parameters per statement in releases
+# before 3.32, with two parameters per key.
+_KEYS_PER_QUERY = 400
+
+_SQLITE_ERRORS = (sqlite3.Error,)
+
+
+class SqliteTier:
+    """A `Tier` stored in one SQLite database file.
+
+    The file runs in WAL mode with `synchronous=FULL`. WAL lets readers in
+    other connections (a replay verifying the file, a backup) run while this
+    one writes. In WAL mode, `synchronous=NORMAL` syncs only at checkpoints,
+    so a power loss can drop commits that were already acknowledged. FULL
+    syncs the WAL at every COMMIT, so each commit that returns survives a
+    crash of the process or of the host.
+
+    The connection keeps the sqlite3 default `check_same_thread=True`: a
+    shard applies its events from one thread, and a call from any other
+    thread raises ProgrammingError instead of racing on the connection.
+
+    The file remembers the tier name and shard it was created for, and
+    opening it as another tier or shard raises CorruptDataError. Reads and
+    scans fetch at most `chunk_size` rows per query. Every method raises
+    StorageError when SQLite fails.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        shard: int,
+        *,
+        compression: Compression | None = None,
+        chunk_size: int = 1000,
+        timeout: float = 5.0,
+    ) -> None:
+        check_identity(name, shard)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size {chunk_size} is invalid: use 1 or more")
+
+        self.name = name
+        self.shard = shard
+        self.path = Path(path)
+        self.chunk_size = chunk_size
+        self._codec = ValueCodec(compression or compression_for(name))
+        with self._errors("open"):
+            # isolation_level=None turns off the module's implicit BEGIN, so
+            # the transactions below are exactly the BEGIN ... COMMIT written.
+            self._connection = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None
+            )
+        try:
+            with self._errors("open"):
+                self._configure()
+        except BaseException:
+            self._connection.close()
+            raise
+
+    def __repr__(self) -> str:
+        path = str(self.path)
+        return f"SqliteTier(name={self.name!r}, shard={self.shard}, path={path!r})"
+
+    def watermark(self) -> int:
+        with self._errors("watermark"):
+            row = self._connection.execute(
+                "SELECT value FROM control WHERE name = ?", (WATERMARK_NAME,)
+            ).fetchone()
+        if row is None:
+            return 0
+        raw = row[0]
+        if not isinstance(raw, bytes) or not raw.isdigit():
+            raise CorruptDataError(
+                f"watermark {raw!r} in {self.path} is not decimal digits",
+                tier=self.name,
+                shard=self.shard,
+            )
+        return int(raw)
+
+    def get(self, namespace: str, key: str) -> Record | None:
+        return self.get_many([(namespace, key)]).get((namespace, key))
+
+    def get_many(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], Record]:
+        identities = list(dict.fromkeys(keys))
+        found: dict[tuple[str, str], Record] = {}
+        with self._errors("get_many"):
+            for start in range(0, len(identities), _KEYS_PER_QUERY):
+                chunk = identities[start : start + _KEYS_PER_QUERY]
+                for row in self._connection.execute(
+                    _lookup_query(len(chunk)), _flatten(chunk)
+                ):
+                    record = self._record(row)
+                    found[(record.namespace, record.key)] = record
+        return found
+
+    def scan_meta(self) -> Iterator[tuple[str, str, Meta]]:
+        for namespace, key, meta_blob in self._pages(
+            "namespace, key, meta", "scan_meta"
+        ):
+            yield namespace, key, decode_meta(meta_blob)
+
+    def records(self) -> Iterator[Record]:
+        for row in self._pages("namespace, key, value, meta", "records"):
+            yield self._record(row)
+
+    def commit(
+        self,
+        writes: TierWrites,
+        watermark: int,
+        control: dict[str, bytes | None] | None = None,
+    ) -> None:
+        """Apply `writes`, the watermark and control values in one transaction.
+
+        A touch of a record the tier does not hold is ignored. If any
+        statement fails, the transaction is rolled back and nothing changes.
+        """
+        check_writes(writes)
+        check_watermark(watermark)
+        check_control(control)
+        puts = [
+            (
+                record.namespace,
+                record.key,
+                self._codec.encode(record.value),
+                encode_meta(record.meta),
+            )
+            for record in writes.puts
+        ]
+        touches = [
+            (encode_meta(meta), namespace, key)
+            for namespace, key, meta in writes.touches
+        ]
+        control_sets = [(WATERMARK_NAME, str(watermark).encode())]
+        control_deletes: list[tuple[str]] = []
+        for name, value in (control or {}).items():
+            if value is None:
+                control_deletes.append((name,))
+            else:
+                control_sets.append((name, value))
+
+        with self._errors("commit"), self._transaction():
+            execute_many = self._connection.executemany
+            execute_many(
+                "DELETE FROM records WHERE namespace = ? AND key = ?", writes.deletes
+            )
+            execute_many("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", puts)
+            execute_many(
+                "UPDATE records SET meta = ? WHERE namespace = ? AND key = ?", touches
+            )
+            execute_many("INSERT OR REPLACE INTO control VALUES (?, ?)", control_sets)
+            execute_many("DELETE FROM control WHERE name = ?", control_deletes)
+
+    def control(self, name: str) -> bytes | None:
+        check_control_name(name)
+        with self._errors("control"):
+            row = self._connection.execute(
+                "SELECT value FROM control WHERE name = ?", (name,)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def put_control(self, name: str, value: bytes | None) -> None:
+        """Write one control value in its own transaction."""
+        check_control({name: value})
+        with self._errors("put_control"):
+            if value is None:
+                self._connection.execute("DELETE FROM control WHERE name = ?", (name,))
+            else:
+                self._connection.execute(
+                    "INSERT OR REPLACE INTO control VALUES (?, ?)", (name, value)
+                )
+
+    def digest(self) -> tuple[str, int]:
+        return digest_sorted_records(self.records())
+
+    def clear(self) -> None:
+        """Delete every record and control value; the file keeps its identity."""
+        with self._errors("clear"), self._transaction():
+            self._connection.execute("DELETE FROM records")
+            self._connection.execute("DELETE FROM control")
+
+    def close(self) -> None:
+        """Close the connection; calling it again does nothing."""
+        with self._errors("close"):
+            self._connection.close()
+
+    def _errors(self, action: str):
+        return storage_errors(self.name, self.shard, action, _SQLITE_ERRORS)
+
+    def _configure(self) -> None:
+        connection = self._connection
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise CorruptDataError(
+                f"{self.path} could not switch to WAL mode (it is in {mode!r} mode); "
+                "put the file on a local file system that supports shared memory",
+                tier=self.name,
+                shard=self.shard,
+            )
+        connection.execute("PRAGMA synchronous=FULL")
+
+        with self._transaction():
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise CorruptDataError(
+                    f"{self.path} has schema version {version}; this release reads "
+                    f"version {SCHEMA_VERSION} only",
+                    tier=self.name,
+                    shard=self.shard,
+                )
+            # executescript would COMMIT first, so run the statements one by one.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            row = connection.execute("SELECT tier, shard FROM identity").fetchone()
+            if row is None:
+                connection.execute(
+                    "INSERT INTO identity VALUES (?, ?)", (self.name, self.shard)
+                )
+            elif tuple(row) != (self.name, self.shard):
+                raise CorruptDataError(
+                    f"{self.path} holds {row[0]} shard {row[1]}, not {self.name} shard "
+                    f"{self.shard}: open it with its own tier name and shard",
+                    tier=self.name,
+                    shard=self.shard,
+                )
+
+    def _transaction(self):
+        return _Transaction(self._connection)
+
+    def _pages(self, columns: str, action: str) -> Iterator[tuple]:
+        """Yield rows in (namespace, key) order, `chunk_size` rows per query.
+
+        Each page is a short query resumed after the last key seen, so no read
+        stays open between pages. An open read would keep WAL checkpoints from
+        finishing, and a commit made between two pages shows in the later
+        pages only.
+        """
+        first = f"SELECT {columns} FROM records ORDER BY namespace, key LIMIT ?"
+        after = (
+            f"SELECT {columns} FROM records WHERE (namespace, key) > (?, ?) "
+            "ORDER BY namespace, key LIMIT ?"
+        )
+        with self._errors(action):
+            rows = self._connection.execute(first, (self.chunk_size,)).fetchall()
+            while rows:
+                yield from rows
+                if len(rows) < self.chunk_size:
+                    return
+                last_namespace, last_key = rows[-1][0], rows[-1][1]
+                rows = self._connection.execute(
+                    after, (last_namespace, last_key, self.chunk_size)
+                ).fetchall()
+
+    def _record(self, row: tuple) -> Record:
+        namespace, key, value_blob, meta_blob = row
+        return Record(
+            namespace, key, self._codec.decode(value_blob), decode_meta(meta_blob)
+        )
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE on entry; COMMIT on success, ROLLBACK on any exception.
+
+    IMMEDIATE takes the write lock at BEGIN, so a transaction never fails
+    halfway for want of a lock another connection holds.
+    """
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> None:
+        self._connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            try:
+                self._connection.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if self._connection.in_transaction:
+            self._connection.execute("ROLLBACK")
+
+
+def _lookup_query(count: int) -> str:
+    # A join on a VALUES list searches the primary key once per wanted key.
+    # `(namespace, key) IN (VALUES ...)` would scan the whole table instead
+    # (SQLite 3.40 query plan).
+    pairs = ", ".join(["(?, ?)"] * count)
+    return (
+        f"WITH wanted(namespace, key) AS (VALUES {pairs}) "
+        "SELECT records.namespace, records.key, records.value, records.meta "
+        "FROM wanted JOIN records "
+        "ON records.namespace = wanted.namespace AND records.key = wanted.key"
+    )
+
+
+def _flatten(identities: list[tuple[str, str]]) -> list[str]:
+    return [part for identity in identities for part in identity]
