@@ -200,13 +200,19 @@ class Client:
                         raw = sock.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._accept(decode_reply(raw), frames, done, retry_at)
+                    self._accept(decode_reply(raw), frames, done, retry_at, attempts)
             self._resend_due(sock, frames, sent_at, attempts, retry_at)
 
-    def _accept(self, reply: Message, frames: dict, done: dict, retry_at: dict) -> None:
+    def _accept(self, reply: Message, frames: dict, done: dict, retry_at: dict, attempts: dict) -> None:
         request_id = reply.id or ""
         if request_id not in frames:
             return  # A late reply to a request already answered.
+        retryable = isinstance(reply, Busy) or (isinstance(reply, Error) and reply.code in _RETRYABLE)
+        if retryable and attempts[request_id] >= self.attempts:
+            del frames[request_id]
+            retry_at.pop(request_id, None)
+            done[request_id] = reply
+            return
         if isinstance(reply, Busy):
             retry_at[request_id] = time.monotonic() + reply.retry_after_ms / 1000
             return

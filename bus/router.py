@@ -25,7 +25,7 @@ import zmq
 
 from bus.dispatch import Completion, Dispatcher, Waker
 from events.codec import JSON, MSGPACK, decode_request, detect_codec, encode_event, encode_reply
-from events.errors import ErrorCode, LogError, ProtocolError
+from events.errors import ErrorCode, ProtocolError
 from events.limits import Limits
 from events.log import EventLog
 from events.types import (
@@ -193,12 +193,16 @@ class Router:
         self.log_tag.info("router.started", last_seq=self.seq, shards=self.dispatcher.shards)
         while not self._stop.is_set():
             ready = dict(poller.poll(100 if not self._resend else 5))
-            if self.waker.read_fd in ready:
-                self.waker.drain()
-            self._handle_completions()
-            self._retry_sends()
-            if any(sock in ready for sock in self.sockets.values()):
-                self._drain_lanes()
+            try:
+                if self.waker.read_fd in ready:
+                    self.waker.drain()
+                self._handle_completions()
+                self._retry_sends()
+                if any(sock in ready for sock in self.sockets.values()):
+                    self._drain_lanes()
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the router
+                self._count("loop.failed")
+                self.log_tag.exception("router.loop.failed", last_seq=self.seq, next="serving the next batch")
         deadline = time.monotonic() + 10
         while self.dispatcher.inflight() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -299,7 +303,13 @@ class Router:
     def _sequence(self, events: list[tuple[_Pending, Event]]) -> None:
         if not events:
             return
-        found = self.log.lookup([event.id or "" for _, event in events])
+        try:
+            found = self.log.lookup([event.id or "" for _, event in events])
+        except Exception as error:  # noqa: BLE001 - every client gets an answer
+            self.log_tag.error("router.lookup.failed", events=len(events), error=str(error), next="replying unavailable")
+            for pending, event in events:
+                self._reply(pending, Error(id=event.id, code=ErrorCode.UNAVAILABLE, message=f"the event log is unavailable ({error}); retry with the same id"))
+            return
         new: list[Event] = []
         new_pending: list[_Pending] = []
         hashes: list[int] = []
@@ -334,7 +344,7 @@ class Router:
         if new:
             try:
                 self.log.append(new, hashes)
-            except (LogError, OSError, Exception) as error:  # noqa: BLE001 - every client gets an answer
+            except Exception as error:  # noqa: BLE001 - every client gets an answer
                 self._append_failed(new, new_pending, error)
                 new, new_pending = [], []
             else:

@@ -103,6 +103,8 @@ class RunningRouter:
         return Client(self.endpoints, **kwargs)
 
     def stop(self) -> None:
+        if not self.thread.is_alive() and not self.router.sockets:
+            return
         self.router.stop()
         self.thread.join(timeout=30)
         self.router.close()

@@ -168,6 +168,7 @@ class RedisServer:
             log.warning("redis.stop_timed_out", role=self.role, pid=self.pid, next="SIGKILL")
             self.process.kill()
             self.process.wait()
+        self._close_pipes()
         log.info("redis.stopped", role=self.role, port=self.port)
 
     def kill(self) -> None:
@@ -176,7 +177,12 @@ class RedisServer:
             return
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        self._close_pipes()
         log.info("redis.killed", role=self.role, port=self.port)
+
+    def _close_pipes(self) -> None:
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
 
     def __enter__(self) -> RedisServer:
         return self.start()

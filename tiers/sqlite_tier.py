@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tiers.base import Meta, Record, TierWrites
@@ -23,11 +25,12 @@ from tiers.codec import (
     encode_meta,
 )
 from tiers.digest import digest_sorted_records
-from tiers.errors import CorruptDataError, storage_errors
+from tiers.errors import CorruptDataError, StorageError, storage_errors
 
 __all__ = ["SCHEMA_VERSION", "SqliteTier"]
 
-# Stored in `PRAGMA user_version`; a file with another version is rejected.
+# The schema version, stored in `PRAGMA user_version`. Opening a file with
+# another version raises CorruptDataError.
 SCHEMA_VERSION = 1
 
 # TEXT columns compare with SQLite's default BINARY collation, which compares
@@ -65,16 +68,19 @@ class SqliteTier:
     one writes. In WAL mode, `synchronous=NORMAL` syncs only at checkpoints,
     so a power loss can drop commits that were already acknowledged. FULL
     syncs the WAL at every COMMIT, so each commit that returns survives a
-    crash of the process or of the host.
+    crash of the process or of the host, on a disk that honours fsync.
 
-    The connection keeps the sqlite3 default `check_same_thread=True`: a
-    shard applies its events from one thread, and a call from any other
-    thread raises ProgrammingError instead of racing on the connection.
+    The connection is opened with `check_same_thread=False`, because the
+    host of a shard may create the tier in one thread and call it from
+    another (a worker thread, a thread pool). A lock serializes every use of
+    the connection, so calls from two threads never interleave inside one
+    transaction, and a page of `records` or `scan_meta` is read whole.
 
     The file remembers the tier name and shard it was created for, and
     opening it as another tier or shard raises CorruptDataError. Reads and
-    scans fetch at most `chunk_size` rows per query. Every method raises
-    StorageError when SQLite fails.
+    scans fetch at most `chunk_size` rows per query. `timeout` is the maximum
+    time in seconds to wait for another connection's write lock. Every method
+    raises StorageError when SQLite fails.
     """
 
     def __init__(
@@ -96,11 +102,15 @@ class SqliteTier:
         self.path = Path(path)
         self.chunk_size = chunk_size
         self._codec = ValueCodec(compression or compression_for(name))
+        self._lock = threading.RLock()
         with self._errors("open"):
             # isolation_level=None turns off the module's implicit BEGIN, so
             # the transactions below are exactly the BEGIN ... COMMIT written.
             self._connection = sqlite3.connect(
-                self.path, timeout=timeout, isolation_level=None
+                self.path,
+                timeout=timeout,
+                isolation_level=None,
+                check_same_thread=False,
             )
         try:
             with self._errors("open"):
@@ -165,7 +175,7 @@ class SqliteTier:
     ) -> None:
         """Apply `writes`, the watermark and control values in one transaction.
 
-        A touch of a record the tier does not hold is ignored. If any
+        A touch of a record the tier does not contain is ignored. If any
         statement fails, the transaction is rolled back and nothing changes.
         """
         check_writes(writes)
@@ -227,28 +237,33 @@ class SqliteTier:
         return digest_sorted_records(self.records())
 
     def clear(self) -> None:
-        """Delete every record and control value; the file keeps its identity."""
+        """Delete every record and control value. The file keeps its tier and shard."""
         with self._errors("clear"), self._transaction():
             self._connection.execute("DELETE FROM records")
             self._connection.execute("DELETE FROM control")
 
     def close(self) -> None:
-        """Close the connection; calling it again does nothing."""
+        """Close the connection. Calling it again does nothing."""
         with self._errors("close"):
             self._connection.close()
 
-    def _errors(self, action: str):
-        return storage_errors(self.name, self.shard, action, _SQLITE_ERRORS)
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Hold the connection lock and raise SQLite errors as StorageError."""
+        with self._lock, storage_errors(self.name, self.shard, action, _SQLITE_ERRORS):
+            yield
 
     def _configure(self) -> None:
         connection = self._connection
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
-            raise CorruptDataError(
-                f"{self.path} could not switch to WAL mode (it is in {mode!r} mode); "
-                "put the file on a local file system that supports shared memory",
+            raise StorageError(
+                f"{self.path} could not switch to WAL mode and is in {mode!r} "
+                "mode: put the file on a local file system that supports "
+                "shared memory",
                 tier=self.name,
                 shard=self.shard,
+                action="open",
             )
         connection.execute("PRAGMA synchronous=FULL")
 
@@ -256,8 +271,8 @@ class SqliteTier:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise CorruptDataError(
-                    f"{self.path} has schema version {version}; this release reads "
-                    f"version {SCHEMA_VERSION} only",
+                    f"{self.path} has schema version {version}, but this release "
+                    f"reads only version {SCHEMA_VERSION}",
                     tier=self.name,
                     shard=self.shard,
                 )
@@ -273,8 +288,9 @@ class SqliteTier:
                 )
             elif tuple(row) != (self.name, self.shard):
                 raise CorruptDataError(
-                    f"{self.path} holds {row[0]} shard {row[1]}, not {self.name} shard "
-                    f"{self.shard}: open it with its own tier name and shard",
+                    f"{self.path} belongs to {row[0]} shard {row[1]}, not "
+                    f"{self.name} shard {self.shard}: open it with its own tier "
+                    "name and shard",
                     tier=self.name,
                     shard=self.shard,
                 )
@@ -297,11 +313,12 @@ class SqliteTier:
         )
         with self._errors(action):
             rows = self._connection.execute(first, (self.chunk_size,)).fetchall()
-            while rows:
-                yield from rows
-                if len(rows) < self.chunk_size:
-                    return
-                last_namespace, last_key = rows[-1][0], rows[-1][1]
+        while rows:
+            yield from rows
+            if len(rows) < self.chunk_size:
+                return
+            last_namespace, last_key = rows[-1][0], rows[-1][1]
+            with self._errors(action):
                 rows = self._connection.execute(
                     after, (last_namespace, last_key, self.chunk_size)
                 ).fetchall()
@@ -316,8 +333,9 @@ class SqliteTier:
 class _Transaction:
     """BEGIN IMMEDIATE on entry; COMMIT on success, ROLLBACK on any exception.
 
-    IMMEDIATE takes the write lock at BEGIN, so a transaction never fails
-    halfway for want of a lock another connection holds.
+    IMMEDIATE takes the write lock at BEGIN. When another connection is
+    writing, BEGIN waits up to the connection's timeout and fails there,
+    before any statement of the transaction has run.
     """
 
     def __init__(self, connection: sqlite3.Connection) -> None:
