@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -239,6 +239,5 @@ class LocalDispatcher(_Base):
             work.put(None)
         for thread in self._threads:
             thread.join(timeout=10)
-
-
-Notify = Callable[[], None]
+        for host in self.hosts:
+            host.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from events.errors import ErrorCode, ProtocolError
+from events.errors import ErrorCode, LogError, ProtocolError
 from events.limits import Limits, check_limits
 from events.types import AnyEvent, Event, Message, Reply, Request
 from events.upcast import CURRENT_VERSIONS, needs_upcast, upcast
@@ -45,7 +45,7 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
 class _Header(msgspec.Struct):
-    """The fields needed to pick an upcaster and to echo the id; others are ignored."""
+    """The fields that pick an upcaster and carry the id to echo. Others are ignored."""
 
     type: str | None = None
     v: int | None = None
@@ -244,12 +244,25 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes) -> Event:
-    """Decode an event read from the log, upcasting entries of older versions."""
+    """Decode an event read from the log, upcasting entries of older versions.
+
+    Raises `LogError` for an entry this release cannot read: a version newer
+    than it knows (written by a later release), or one with no upcaster.
+    """
     try:
         event = _msgpack_event.decode(data)
     except msgspec.ValidationError:
         event = None
-    if event is not None and not needs_upcast(event.__struct_config__.tag, event.v):
-        return event
-    raw = msgspec.msgpack.decode(data)
-    return msgspec.convert(upcast(raw), AnyEvent)
+    if event is not None:
+        tag = event.__struct_config__.tag
+        if event.v > CURRENT_VERSIONS[tag]:
+            raise LogError(
+                f"log entry seq {event.seq} is {tag} v{event.v}, newer than this "
+                f"release reads (v{CURRENT_VERSIONS[tag]}); upgrade tiermem to replay it"
+            )
+        if not needs_upcast(tag, event.v):
+            return event
+    try:
+        return msgspec.convert(upcast(msgspec.msgpack.decode(data)), AnyEvent)
+    except (KeyError, msgspec.DecodeError) as error:
+        raise LogError(f"cannot read log entry {data[:80]!r}: {error!r}") from error

@@ -98,7 +98,7 @@ def _check_value(value: Any, max_depth: int, event_id: str | None) -> None:
             if item < _INT64_MIN or item > _UINT64_MAX:
                 raise ProtocolError(
                     ErrorCode.INVALID_FIELD,
-                    f"integer {item} does not fit in 64 bits",
+                    f"integer {_abbreviate(item)} does not fit in 64 bits",
                     field=path,
                     event_id=event_id,
                 )
@@ -117,6 +117,11 @@ def _check_value(value: Any, max_depth: int, event_id: str | None) -> None:
                 field=path,
                 event_id=event_id,
             )
+
+
+def _abbreviate(number: int) -> str:
+    text = str(number)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def check_limits(message: Message, limits: Limits) -> None:

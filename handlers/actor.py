@@ -57,8 +57,8 @@ class ShardStatusInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 def build_shard(settings: ShardSettings) -> Shard:
     """Connect a shard's tiers and the log, without recovering it yet."""
-    stm = RedisTier("stm", redis.Redis.from_url(settings.stm_url), settings.shard)
-    im = RedisTier("im", redis.Redis.from_url(settings.im_url), settings.shard)
+    stm = RedisTier("stm", redis.Redis.from_url(settings.stm_url), settings.shard, owns_client=True)
+    im = RedisTier("im", redis.Redis.from_url(settings.im_url), settings.shard, owns_client=True)
     ltm_path = Path(settings.ltm_dir) / f"ltm-{settings.shard}.sqlite3"
     ltm_path.parent.mkdir(parents=True, exist_ok=True)
     ltm = SqliteTier("ltm", ltm_path, settings.shard)

@@ -86,6 +86,9 @@ class Shard:
         self.state = ShardState(shard, policy, tiers)
         self.fingerprint = f"{policy.fingerprint()}:{shards}"
         self._expected = {"im": 0, "ltm": 0}
+        # Set while the in-memory state may disagree with the tiers after a
+        # failed apply. `apply` reloads before it applies anything else.
+        self._reload_pending = False
         self.log_tag = structlog.get_logger("tiermem.shard").bind(shard=shard)
 
     # ----------------------------------------------------------- recovery
@@ -105,6 +108,7 @@ class Shard:
             stm.commit(TierWrites(), 0, {_POLICY: self.fingerprint.encode(), "im_wm": b"0", "ltm_wm": b"0"})
         loaded = stm.watermark()
         self.state.load(loaded)
+        self._reload_pending = False
         replayed = self.catch_up()
         report = RecoveryReport(
             shard=self.shard,
@@ -130,6 +134,7 @@ class Shard:
             if writes and self.tiers[name].watermark() < redo.seq:
                 self.tiers[name].commit(writes, redo.seq)
         stm.commit(redo.writes.get("stm", TierWrites()), redo.seq, self._control(redo.expected))
+        self._expected = dict(redo.expected)
         self.log_tag.warning("shard.redo.finished", seq=redo.seq)
         return True
 
@@ -178,6 +183,8 @@ class Shard:
         resend after a restart): it is answered from current state without
         recording the access again.
         """
+        if self._reload_pending:
+            self._reload()
         replayed = [
             msgspec.structs.replace(
                 self.state.peek(event.namespace, event.key, event.seq or 0, event.ts),
@@ -192,12 +199,24 @@ class Shard:
             if self.state.watermark > before:
                 self._commit(writes, self.state.watermark)
         except BaseException:
-            # The in-memory state may be ahead of the tiers now: reload it
-            # from what is committed, so a retry starts from the truth.
-            self.log_tag.error("shard.apply.failed", watermark=before, next="reloading state from tiers")
-            self.state.load(self.tiers["stm"].watermark())
+            # The in-memory state may be ahead of the tiers now, and IM or LTM
+            # may hold the batch while STM does not. Loading those tiers as
+            # they are would see such a record twice, so finish the redo
+            # first, and a retry starts from the committed truth.
+            self._reload_pending = True
+            self.log_tag.error("shard.apply.failed", watermark=before, next="finishing any redo and reloading state from tiers")
+            try:
+                self._reload()
+            except Exception as error:  # noqa: BLE001 - the next apply retries the reload
+                self.log_tag.error("shard.reload.failed", error=repr(error), next="retrying before the next batch")
             raise
         return replayed + replies
+
+    def _reload(self) -> None:
+        """Finish a pending redo, then load the state from the committed tiers."""
+        self._finish_redo()
+        self.state.load(self.tiers["stm"].watermark())
+        self._reload_pending = False
 
     def _control(self, expected: Mapping[str, int]) -> dict[str, bytes | None]:
         return {
@@ -238,3 +257,8 @@ class Shard:
     @property
     def watermark(self) -> int:
         return self.state.watermark
+
+    def close(self) -> None:
+        """Close every tier's connections and files."""
+        for tier in self.tiers.values():
+            tier.close()

@@ -21,6 +21,7 @@ import structlog
 
 from bus.dispatch import RayDispatcher, Waker
 from bus.router import Router
+from events.errors import TiermemError
 from events.log import RedisEventLog, check_log_config
 from handlers.actor import ShardSettings
 from tiermem.config import StackConfig, load_stack_config
@@ -96,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging()
     config = load_stack_config(Path(argv[0]))
-    run_router(config, Path(argv[1]))
+    try:
+        run_router(config, Path(argv[1]))
+    except TiermemError as error:
+        log.error("router.start.failed", error=str(error))
+        print(f"tiermem router: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

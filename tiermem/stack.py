@@ -108,14 +108,25 @@ class Stack:
     def _router_ready(self) -> bool:
         if self.router is not None and self.router.poll() is not None:
             raise ServerError(
-                f"the router exited with status {self.router.returncode} at start; "
-                f"see {self.data_dir / 'logs' / 'router.log'}"
+                f"the router exited with status {self.router.returncode} at start: "
+                f"{self._router_failure()}; see {self.data_dir / 'logs' / 'router.log'}"
             )
         try:
             record = json.loads(self.endpoints_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return False
         return self.router is not None and record.get("router_pid") == self.router.pid
+
+    def _router_failure(self) -> str:
+        """Return the last `tiermem router:` line of the router's log, if any."""
+        try:
+            lines = (self.data_dir / "logs" / "router.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "no log written"
+        for line in reversed(lines):
+            if line.startswith("tiermem router: "):
+                return line.removeprefix("tiermem router: ")
+        return lines[-1] if lines else "no log written"
 
     @property
     def router_pid(self) -> int | None:

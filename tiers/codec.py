@@ -41,7 +41,7 @@ _ZSTD_HEADER = bytes([ZSTD])
 
 
 class Compression(msgspec.Struct, frozen=True):
-    """How a tier compresses values.
+    """The compression setting of a tier's values.
 
     `level` is a zstandard level from 1 to 22, or None to store every value
     raw. Encoded values shorter than `min_size` bytes are stored raw, because
@@ -72,7 +72,7 @@ IM_COMPRESSION = Compression(level=3)
 # Level 12 encodes a 100 KiB text value in about 6.5 ms and a small value in
 # about 7 us. Levels 15 and 19 shrink large text only from 0.37 to 0.36 of
 # its size, at 2x and 4x the time of level 12. Measured with
-# `python -m tiers.codec_timing` on the 2-core development machine (ext4,
+# `python bench/tier_compression.py` on the 2-core development machine (ext4,
 # zstandard 0.25, msgspec 0.23) over chat text from chitchat-dataset. A
 # commit is a SqliteTier commit of 1,000 small or 10 large records, encoding
 # included. Two runs, rounded:
@@ -125,11 +125,12 @@ class ValueCodec:
         self._decompressor = zstandard.ZstdDecompressor()
 
     def encode(self, value: Any) -> bytes:
-        """Serialise and, when it pays, compress `value`.
+        """Serialize `value` and compress it when that makes it shorter.
 
-        Raises TypeError for a value MessagePack cannot represent (a set, an
-        arbitrary object) and OverflowError for an int outside the signed and
-        unsigned 64-bit range.
+        Raises TypeError for a value MessagePack cannot represent (a complex
+        number, an arbitrary object) and OverflowError for an int outside the
+        signed and unsigned 64-bit range. A set or tuple is stored as an array
+        and reads back as a list.
         """
         packed = self._encoder.encode(value)
         if self._compressor is None or len(packed) < self.compression.min_size:

@@ -30,8 +30,8 @@ _encoder = msgspec.msgpack.Encoder(order="sorted")
 def digest_sorted_records(records: Iterable[Record]) -> tuple[str, int]:
     """Return the hex digest and count of records given in (namespace, key) order.
 
-    This streams, so a tier can digest a million records without holding
-    them. Raises ValueError when a record does not sort strictly after the one
+    This streams, so a tier can digest a million records without keeping
+    them in memory. Raises ValueError when a record does not sort strictly after the one
     before it, which also rejects a repeated (namespace, key).
     """
     digest = hashlib.sha256()

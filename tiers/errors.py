@@ -1,4 +1,4 @@
-"""The exceptions that tier backends raise when storage fails or holds bad data."""
+"""Exceptions that tier backends raise when storage fails or contains invalid data."""
 
 from __future__ import annotations
 

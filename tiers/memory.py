@@ -59,7 +59,8 @@ class MemoryTier:
         self, keys: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], Record]:
         found: dict[tuple[str, str], Record] = {}
-        for identity in keys:
+        for namespace, key in keys:
+            identity = (namespace, key)
             stored = self._records.get(identity)
             if stored is not None:
                 found[identity] = self._decode(identity, stored)
@@ -85,7 +86,7 @@ class MemoryTier:
 
         Everything is checked and encoded before the first change, so a commit
         that raises changes nothing. A touch of a record the tier does not
-        hold is ignored.
+        contain is ignored.
         """
         check_writes(writes)
         check_watermark(watermark)
@@ -103,8 +104,8 @@ class MemoryTier:
             for namespace, key, meta in writes.touches
         ]
 
-        for identity in writes.deletes:
-            self._records.pop(identity, None)
+        for namespace, key in writes.deletes:
+            self._records.pop((namespace, key), None)
         for identity, value_blob, meta_blob in puts:
             self._records[identity] = (value_blob, meta_blob)
         for identity, meta_blob in touches:
@@ -132,7 +133,7 @@ class MemoryTier:
         self._watermark = 0
 
     def close(self) -> None:
-        """Do nothing: a memory tier holds no connection or file."""
+        """Do nothing, because a memory tier has no connection or file to release."""
 
     def _set_control(self, name: str, value: bytes | None) -> None:
         if value is None:

@@ -40,7 +40,7 @@ from tiers.errors import CorruptDataError, storage_errors
 __all__ = ["RedisTier", "redis_key_prefix"]
 
 # Sets the meta of each (field, meta) pair in ARGV only where the value hash
-# holds the field, so a touch never creates metadata without a value. Lua
+# contains the field, so a touch never creates metadata without a value. Lua
 # runs atomically, and inside the commit's MULTI it sees the writes queued
 # before it.
 _TOUCH_SCRIPT = """
@@ -151,7 +151,8 @@ class RedisTier:
         The transaction keeps a commit from landing between the read of the
         values and the read of the metadata.
         """
-        identities = list(dict.fromkeys(keys))
+        # Repack each key as a tuple, so keys given as lists work, and drop repeats.
+        identities = list(dict.fromkeys((namespace, key) for namespace, key in keys))
         if not identities:
             return {}
         fields = [_field(namespace, key) for namespace, key in identities]
@@ -194,14 +195,8 @@ class RedisTier:
         later chunks only.
         """
         with self._errors("records"):
-            fields = sorted(
-                {
-                    field
-                    for field, _ in self.client.hscan_iter(
-                        self.metas_key, count=self.chunk_size
-                    )
-                }
-            )
+            scanned = self.client.hscan_iter(self.metas_key, count=self.chunk_size)
+            fields = sorted({field for field, _ in scanned})
             for start in range(0, len(fields), self.chunk_size):
                 chunk = fields[start : start + self.chunk_size]
                 values, metas = self._read_fields(chunk)
@@ -220,7 +215,7 @@ class RedisTier:
     ) -> None:
         """Apply `writes`, the watermark and control values in one MULTI/EXEC.
 
-        A touch of a record the tier does not hold is ignored. Arguments are
+        A touch of a record the tier does not contain is ignored. Arguments are
         checked and values encoded before anything is sent, so a commit
         rejected by a check sends nothing.
         """
@@ -281,14 +276,16 @@ class RedisTier:
             self.client.delete(self.values_key, self.metas_key, self.control_key)
 
     def close(self) -> None:
-        """Close the client if this tier owns it; otherwise leave it open."""
+        """Close the client if this tier owns it, and otherwise leave it open."""
         if self.owns_client:
             self.client.close()
 
     def _errors(self, action: str):
         return storage_errors(self.name, self.shard, action, _REDIS_ERRORS)
 
-    def _read_fields(self, fields: list[bytes]) -> tuple[list, list]:
+    def _read_fields(
+        self, fields: list[bytes]
+    ) -> tuple[list[bytes | None], list[bytes | None]]:
         pipe = self.client.pipeline(transaction=True)
         pipe.hmget(self.values_key, fields)
         pipe.hmget(self.metas_key, fields)

@@ -145,7 +145,8 @@ class SqliteTier:
     def get_many(
         self, keys: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], Record]:
-        identities = list(dict.fromkeys(keys))
+        # Repack each key as a tuple, so keys given as lists work, and drop repeats.
+        identities = list(dict.fromkeys((namespace, key) for namespace, key in keys))
         found: dict[tuple[str, str], Record] = {}
         with self._errors("get_many"):
             for start in range(0, len(identities), _KEYS_PER_QUERY):
@@ -331,7 +332,7 @@ class SqliteTier:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE on entry; COMMIT on success, ROLLBACK on any exception.
+    """A transaction: BEGIN IMMEDIATE on entry, then COMMIT, or ROLLBACK on error.
 
     IMMEDIATE takes the write lock at BEGIN. When another connection is
     writing, BEGIN waits up to the connection's timeout and fails there,

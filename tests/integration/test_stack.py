@@ -105,3 +105,18 @@ def test_get_without_stack_explains(tmp_path):
     result = run_cli("get", "k", "--data-dir", str(tmp_path / "nowhere"))
     assert result.returncode == 1
     assert "tiermem up" in result.stderr
+
+
+def test_router_refuses_unsafe_log(ray_cluster, redis_factory, tmp_path):
+    from tiermem.servers import ServerError
+
+    unsafe = redis_factory("log")
+    with unsafe.client() as client:
+        client.config_set("appendfsync", "no")
+    config = StackConfig(data_dir=str(tmp_path / "unsafe"), shards=1, ray_address=ray_cluster, log_url=unsafe.url)
+    config.router = msgspec.structs.replace(config.router, ports={"high": 0, "normal": 0, "low": 0, "pub": 0})
+    running = Stack(config)
+    with pytest.raises(ServerError) as raised:
+        running.start(timeout=60)
+    assert "appendfsync='no'" in str(raised.value)
+    assert "--appendfsync always" in str(raised.value)

@@ -54,7 +54,7 @@ def deep_msgpack_store(depth: int) -> bytes:
     """Build a Store whose value is `depth` nested arrays, byte by byte.
 
     msgspec's encoder would recurse as deeply as the value, so the nesting is
-    written as fixarray headers (0x91 holds one element, 0x90 none).
+    written as fixarray headers (0x91 contains one element, 0x90 none).
     """
     head = msgspec.msgpack.encode({"type": "Store", "key": "k"})
     assert head[0] == 0x82
@@ -555,7 +555,10 @@ def test_error_reply_encodes_code_and_field():
 @pytest.mark.parametrize("codec", CODECS)
 def test_ack_encodes_every_field(codec):
     frame = encode_reply(Ack(id="r1", seq=3), codec)
-    decoded = msgspec.json.decode(frame) if codec == JSON else msgspec.msgpack.decode(frame)
+    if codec == JSON:
+        decoded = msgspec.json.decode(frame)
+    else:
+        decoded = msgspec.msgpack.decode(frame)
 
     assert decoded == {"type": "Ack", "id": "r1", "seq": 3, "duplicate": False}
 

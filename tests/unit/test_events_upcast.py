@@ -151,8 +151,8 @@ def test_encoded_event_records_version(event):
 
 
 def test_logged_current_event_survives_version_bump(monkeypatch):
-    # Simulate a release that makes Get v2: an entry logged as v1 must still
-    # be seen as v1, so it is routed to the Get v1 upcaster.
+    # Simulate a release that makes Get v2. An entry logged as v1 must still
+    # read as v1, so that the Get v1 upcaster lifts it.
     entry = encode_event(Get(key="k", seq=1, ts=0))
     monkeypatch.setitem(CURRENT_VERSIONS, "Get", 2)
 

@@ -31,7 +31,7 @@ COMPRESSIONS = [
     pytest.param(LTM_COMPRESSION, id="ltm"),
 ]
 
-# One of each JSON-like kind a memory value can hold.
+# One of each JSON-like kind a memory value can contain.
 VALUE_KINDS = [
     pytest.param(None, id="none"),
     pytest.param(True, id="true"),
@@ -122,7 +122,7 @@ def test_stm_stores_large_value_raw():
 
 
 @pytest.mark.parametrize("compression", [IM_COMPRESSION, LTM_COMPRESSION])
-def test_compressing_tier_stores_large_value_as_zstd(compression):
+def test_large_value_stored_as_zstd(compression):
     packed = msgspec.msgpack.encode("memory " * 1000)
 
     blob = ValueCodec(compression).encode("memory " * 1000)
@@ -144,7 +144,7 @@ def test_value_under_min_size_stored_raw():
 
 def test_value_at_min_size_compressed():
     compression = Compression(level=3, min_size=64)
-    value = "a" * 61
+    value = "a" * 62
     assert len(msgspec.msgpack.encode(value)) == 64
 
     blob = ValueCodec(compression).encode(value)
@@ -194,7 +194,7 @@ def test_decode_rejects_truncated_zstd_frame():
 
 def test_encode_rejects_unsupported_type():
     with pytest.raises(TypeError):
-        ValueCodec(STM_COMPRESSION).encode({"a": {1, 2}})
+        ValueCodec(STM_COMPRESSION).encode({"a": 1j})
 
 
 def test_encode_rejects_int_beyond_64_bits():
@@ -246,7 +246,7 @@ def test_meta_encodes_as_array():
     ]
 
 
-def test_meta_without_optional_fields_decodes_defaults():
+def test_meta_defaults_for_missing_fields():
     blob = msgspec.msgpack.encode([0.5, [], 1, 2, 3, 4, 5, 6])
 
     meta = decode_meta(blob)
@@ -261,7 +261,9 @@ def test_meta_without_optional_fields_decodes_defaults():
     [
         pytest.param(b"", id="empty"),
         pytest.param(msgspec.msgpack.encode([0.5]), id="too-few-fields"),
-        pytest.param(msgspec.msgpack.encode(["high", [], 1, 2, 3, 4, 5, 6]), id="bad-type"),
+        pytest.param(
+            msgspec.msgpack.encode(["high", [], 1, 2, 3, 4, 5, 6]), id="bad-type"
+        ),
     ],
 )
 def test_decode_meta_rejects_invalid_blob(blob):

@@ -48,7 +48,12 @@ def test_digest_pins_encoding():
     # digests taken by earlier releases, so change the format only on purpose.
     record = Record("ns", "k", {"b": [1, 2.5, None], "a": "x"}, _META)
     expected_bytes = msgspec.msgpack.encode(
-        ["ns", "k", {"a": "x", "b": [1, 2.5, None]}, list(msgspec.structs.astuple(_META))]
+        [
+            "ns",
+            "k",
+            {"a": "x", "b": [1, 2.5, None]},
+            list(msgspec.structs.astuple(_META)),
+        ]
     )
 
     digest, count = digest_records([record])

@@ -1,6 +1,6 @@
 """Measure value compression per zstd level, alone and inside SQLite commits.
 
-Run `python -m tiers.codec_timing`. The values are chat text from the
+Run `python bench/tier_compression.py`. The values are chat text from the
 chitchat-dataset package: 10,000 small records (one chat message each) and
 100 records of 100 KiB (consecutive messages joined). For each level it
 prints the encode time, the commit time through `SqliteTier` (1,000 small or
@@ -106,6 +106,14 @@ def measure(
     }
 
 
+def format_row(level: int | None, label: str, result: dict) -> str:
+    return (
+        f"{level or 'none':>5} | {label:>14} | {result['encode_ms']:6.0f} ms | "
+        f"{result['commit_ms']:6.0f} ms | {result['decode_ms']:6.0f} ms | "
+        f"{result['size']:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -116,24 +124,18 @@ def main() -> None:
         help="zstd levels to measure (default: 3 12 15 19)",
     )
     arguments = parser.parse_args()
-
     small, large = build_values(load_messages())
-    print(
-        f"{'level':>5} | {'values':>14} | {'encode':>9} | {'commit':>9} | "
-        f"{'decode':>9} | size"
+    cases = (
+        (f"{SMALL_COUNT:,} small", small, 1000),
+        (f"{LARGE_COUNT} x 100 KiB", large, 10),
     )
+
+    print("level |         values |    encode |    commit |    decode | size")
     with tempfile.TemporaryDirectory() as folder:
         for level in [None, *arguments.levels]:
-            for label, values, per_commit in (
-                (f"{SMALL_COUNT:,} small", small, 1000),
-                (f"{LARGE_COUNT} x 100 KiB", large, 10),
-            ):
+            for label, values, per_commit in cases:
                 result = measure(level, values, per_commit, Path(folder))
-                print(
-                    f"{level or 'raw':>5} | {label:>14} | {result['encode_ms']:6.0f} ms | "
-                    f"{result['commit_ms']:6.0f} ms | {result['decode_ms']:6.0f} ms | "
-                    f"{result['size']:.2f}"
-                )
+                print(format_row(level, label, result))
 
 
 if __name__ == "__main__":
