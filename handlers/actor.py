@@ -16,6 +16,7 @@ import structlog
 
 from events.log import RedisEventLog
 from events.types import AnyEvent, Message, Reply
+from handlers.effects import RedisEffectLog
 from handlers.policy import Policy
 from handlers.shard import RecoveryReport, Shard
 from tiers.redis_tier import RedisTier
@@ -62,13 +63,15 @@ def build_shard(settings: ShardSettings) -> Shard:
     ltm_path = Path(settings.ltm_dir) / f"ltm-{settings.shard}.sqlite3"
     ltm_path.parent.mkdir(parents=True, exist_ok=True)
     ltm = SqliteTier("ltm", ltm_path, settings.shard)
-    event_log = RedisEventLog(redis.Redis.from_url(settings.log_url), stream=settings.log_stream)
+    log_client = redis.Redis.from_url(settings.log_url)
+    event_log = RedisEventLog(log_client, stream=settings.log_stream)
     return Shard(
         settings.shard,
         settings.shards,
         {"stm": stm, "im": im, "ltm": ltm},
         settings.policy,
         event_log,
+        RedisEffectLog(log_client),
     )
 
 

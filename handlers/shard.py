@@ -26,6 +26,7 @@ import msgspec
 import structlog
 
 from events.log import EventLog
+from handlers.effects import EffectLog
 from events.types import Event, Get, Maintain, Message, TierDigest
 from handlers.policy import Policy
 from handlers.sharding import shard_of
@@ -74,6 +75,7 @@ class Shard:
         tiers: Mapping[str, Tier],
         policy: Policy,
         event_log: EventLog | None = None,
+        effect_log: EffectLog | None = None,
     ) -> None:
         missing = [name for name in TIER_NAMES if name not in tiers]
         if missing:
@@ -83,6 +85,7 @@ class Shard:
         self.tiers = tiers
         self.policy = policy
         self.log = event_log
+        self.effect_log = effect_log
         self.state = ShardState(shard, policy, tiers)
         self.fingerprint = f"{policy.fingerprint()}:{shards}"
         self._expected = {"im": 0, "ltm": 0}
@@ -197,6 +200,10 @@ class Shard:
         try:
             writes, replies = self.state.apply_batch(events)
             if self.state.watermark > before:
+                if self.effect_log is not None:
+                    # Before the STM commit: readers take effects only up to
+                    # the STM watermark, so these stay unseen until then.
+                    self.effect_log.append(self.shard, self.state.effects)
                 self._commit(writes, self.state.watermark)
         except BaseException:
             # The in-memory state may be ahead of the tiers now, and IM or LTM

@@ -18,6 +18,7 @@ import msgspec
 
 from events.limits import value_size
 from events.types import Event, Forget, Get, Maintain, Message, NotFound, Store, Value
+from handlers.effects import Effect
 from handlers.policy import Policy, retention
 from tiers.base import TIER_NAMES, Meta, Record, Tier, TierWrites
 
@@ -100,6 +101,7 @@ class ShardState:
         self._overlays: dict[str, _Overlay] = {}
         self._fetched: dict[str, dict[Key, Record]] = {}
         self.moves: list[Move] = []
+        self.effects: list[Effect] = []
 
     # ----------------------------------------------------------- loading
 
@@ -175,6 +177,7 @@ class ShardState:
         self._overlays = {name: _Overlay() for name in TIER_NAMES}
         self._fetched = {name: {} for name in TIER_NAMES}
         self.moves = []
+        self.effects = []
         events = [event for event in events if (event.seq or 0) > self.watermark]
         self._prefetch_gets(events)
         replies: list[Message] = []
@@ -253,12 +256,14 @@ class ShardState:
         seq, ts = event.seq or 0, event.ts or 0
         entry = self._entry(namespace, key)
         if entry is None or _expired(entry.meta, ts):
+            self.effects.append(Effect(seq, "read", namespace, key, client=event.id))
             return NotFound(id=event.id, seq=seq, key=key)
         cache_key = (namespace, key)
         if cache_key in self._cache:
             value, served = self._cache[cache_key], "cache"
         else:
             value, served = self._value(entry.tier, cache_key), entry.tier
+        self.effects.append(Effect(seq, "read", namespace, key, tier=served, client=event.id))
         meta = _replace(
             entry.meta,
             accessed_ts=ts,
@@ -380,6 +385,7 @@ class ShardState:
             self._overlays[target].put(Record(namespace, key, value, meta))
             entry.tier, entry.meta = target, meta
             self.moves.append(Move(seq, namespace, key, source, target, reason))
+            self.effects.append(Effect(seq, "move", namespace, key, tier=source, target=target, reason=reason))
 
     def _evict(self, namespace: str, seq: int, now: int) -> None:
         members = self._in_tier(namespace, "ltm")
@@ -396,6 +402,7 @@ class ShardState:
         self._cache.pop(cache_key, None)
         self._drop_entry(namespace, key)
         self.moves.append(Move(seq, namespace, key, entry.tier, None, reason))
+        self.effects.append(Effect(seq, "delete", namespace, key, tier=entry.tier, reason=reason))
 
 
 def _expired(meta: Meta, now_ms: int) -> bool:
