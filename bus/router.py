@@ -15,7 +15,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -38,6 +39,7 @@ from events.types import (
     Get,
     Maintain,
     Message,
+    Search,
     ShardStatus,
     Status,
     StatusReply,
@@ -77,6 +79,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     pub_hwm: int = 100_000
     heartbeat_ms: int = 5000
     busy_retry_ms: int = 50
+    search_threads: int = 4
+    max_pending_searches: int = 256
 
     @property
     def send_hwm(self) -> int:
@@ -114,9 +118,13 @@ class Router:
         dispatcher: Dispatcher,
         waker: Waker,
         *,
+        search: Callable[[Search], Message] | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.settings = settings
+        self.search = search
+        self._search_pool = ThreadPoolExecutor(max_workers=settings.search_threads, thread_name_prefix="search")
+        self._searches: dict[Future, _Pending] = {}
         self.log = event_log
         self.dispatcher = dispatcher
         self.waker = waker
@@ -183,6 +191,7 @@ class Router:
             self.pub.close(linger=0)
         self.sockets = {}
         self.pub = None
+        self._search_pool.shutdown(wait=False, cancel_futures=True)
 
     def serve_forever(self) -> None:
         """Run the loop until `stop()`; then wait briefly for shards to finish."""
@@ -415,6 +424,12 @@ class Router:
         gets: dict[int, list[tuple[str, _Pending]]] = {}
         shards = self.dispatcher.shards
         for event, pending in zip(events, pendings, strict=True):
+            if isinstance(event, Search):
+                # Searches are logged (for the audit trail) but change no
+                # tier, so they go to the search service, not to a shard.
+                if pending is not None:
+                    self._start_search(pending, event)
+                continue
             targets = range(shards) if isinstance(event, Maintain) else (shard_of(event.namespace, shards),)
             for shard in targets:
                 per_shard.setdefault(shard, []).append(event)
@@ -426,7 +441,9 @@ class Router:
                 self._reply(pending, Ack(id=event.id, seq=event.seq or 0))
         for pending, event, original_seq in duplicates:
             self._count("duplicates")
-            if isinstance(event, Get):
+            if isinstance(event, Search):
+                self._start_search(pending, msgspec.structs.replace(event, seq=original_seq, ts=now))
+            elif isinstance(event, Get):
                 # A repeated read: the shard answers from current state
                 # without recording a second access.
                 shard = shard_of(event.namespace, shards)
@@ -446,18 +463,40 @@ class Router:
                     self._gets.setdefault((token, request_id), []).append(pending)
             self.dispatcher.submit(shard, token, batch)
 
+    # ----------------------------------------------------------- search
+
+    def _start_search(self, pending: _Pending, event: Search) -> None:
+        if self.search is None:
+            self._reply(pending, Error(id=event.id, code=ErrorCode.UNAVAILABLE, message="search is not configured on this router: no search projection database"))
+            return
+        if len(self._searches) >= self.settings.max_pending_searches:
+            self._count("busy.search")
+            self._reply(pending, Busy(id=event.id, lane=pending.lane, retry_after_ms=self.settings.busy_retry_ms))
+            return
+        future = self._search_pool.submit(self.search, event)
+        self._searches[future] = pending
+        future.add_done_callback(lambda _: self.waker.wake())
+
+    def _finish_searches(self) -> None:
+        for future in [f for f in self._searches if f.done()]:
+            pending = self._searches.pop(future)
+            try:
+                reply = future.result()
+            except Exception as error:  # noqa: BLE001 - the client gets an Error, the router goes on
+                self.log_tag.error("router.search.failed", event_id=pending.request_id, error=repr(error))
+                reply = Error(id=pending.request_id, code=ErrorCode.INTERNAL, message=f"search failed: {error}")
+            self._reply(pending, reply)
+
     # ----------------------------------------------------------- completions
 
     def _handle_completions(self) -> None:
+        if self._searches:
+            self._finish_searches()
         for completion in self.dispatcher.completions():
-            if completion.token in self._admin_tokens:
+            if completion.token in self._admin:
                 self._finish_admin(completion)
                 continue
             self._finish_batch(completion)
-
-    @property
-    def _admin_tokens(self) -> dict[int, _AdminCall]:
-        return self._admin
 
     def _finish_batch(self, completion: Completion) -> None:
         waiting = self._batch_gets.pop(completion.token, [])

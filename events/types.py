@@ -29,6 +29,9 @@ __all__ = [
     "REPLY_TYPES",
     "Request",
     "REQUEST_TYPES",
+    "Results",
+    "Search",
+    "SearchHit",
     "ShardStatus",
     "Status",
     "StatusReply",
@@ -112,6 +115,22 @@ class Maintain(Event, frozen=True, kw_only=True, tag="Maintain"):
     namespace: str | None = None  # type: ignore[assignment]
 
 
+class Search(Event, frozen=True, kw_only=True, tag="Search"):
+    """Keyword search over the current memories of one namespace.
+
+    Served by the search projection. With `min_seq` set, the router waits
+    up to `wait_ms` for the index to reach that sequence number (a caller's
+    own earlier write) and answers `Error` with code `unavailable` if it
+    does not. Any text is a valid query; it is split into words, and a
+    memory matches when it contains every word.
+    """
+
+    query: Annotated[str, msgspec.Meta(max_length=1024)]
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    min_seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    wait_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 5000
+
+
 class Status(Message, frozen=True, kw_only=True, tag="Status"):
     """Ask the router for its sequence position and the state of each shard."""
 
@@ -149,6 +168,23 @@ class NotFound(Message, frozen=True, kw_only=True, tag="NotFound"):
     seq: int
     key: str
     degraded: bool = False
+
+
+class SearchHit(msgspec.Struct, frozen=True, kw_only=True):
+    """One search result: the key, its tier when indexed, and its rank score."""
+
+    key: str
+    tier: str
+    score: float
+    snippet: str
+
+
+class Results(Message, frozen=True, kw_only=True, tag="Results"):
+    """Search hits, best first; `index_seq` is how far the index had read the log."""
+
+    seq: int
+    index_seq: int
+    hits: list[SearchHit]
 
 
 class Busy(Message, frozen=True, kw_only=True, tag="Busy"):
@@ -200,19 +236,20 @@ class DigestReply(Message, frozen=True, kw_only=True, tag="DigestReply"):
     tiers: list[TierDigest]
 
 
-EVENT_TYPES: tuple[type[Event], ...] = (Store, Get, Forget, Maintain)
+EVENT_TYPES: tuple[type[Event], ...] = (Store, Get, Forget, Maintain, Search)
 ADMIN_TYPES: tuple[type[Message], ...] = (Status, Digest)
 REQUEST_TYPES: tuple[type[Message], ...] = EVENT_TYPES + ADMIN_TYPES
 REPLY_TYPES: tuple[type[Message], ...] = (
     Ack,
     Value,
     NotFound,
+    Results,
     Busy,
     Error,
     StatusReply,
     DigestReply,
 )
 
-Request = Union[Store, Get, Forget, Maintain, Status, Digest]
-Reply = Union[Ack, Value, NotFound, Busy, Error, StatusReply, DigestReply]
-AnyEvent = Union[Store, Get, Forget, Maintain]
+Request = Union[Store, Get, Forget, Maintain, Search, Status, Digest]
+Reply = Union[Ack, Value, NotFound, Results, Busy, Error, StatusReply, DigestReply]
+AnyEvent = Union[Store, Get, Forget, Maintain, Search]

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from events.limits import value_size
-from events.types import Event, Forget, Get, Maintain, Message, NotFound, Store, Value
+from events.types import Event, Forget, Get, Maintain, Message, NotFound, Search, Store, Value
 from handlers.effects import Effect
 from handlers.policy import Policy, retention
 from tiers.base import TIER_NAMES, Meta, Record, Tier, TierWrites
@@ -198,6 +198,8 @@ class ShardState:
                 self._forget(event)
             elif isinstance(event, Maintain):
                 self._maintain(event)
+            elif isinstance(event, Search):
+                continue  # Served by the search projection; no tier changes.
             else:
                 raise StateError(f"cannot apply {type(event).__name__}")
         self.watermark = last

@@ -229,3 +229,35 @@ def test_client_resend_after_lost_reply(start_router):
     assert b'"seq":1' in first
     assert resent.seq == 1
     assert resent.duplicate is True
+
+
+def test_search_logged_and_served(start_router, servers):
+    """A Search is sequenced into the log and answered by the search service."""
+    from events.types import Results, Search, SearchHit
+
+    seen: list[Search] = []
+
+    def search(event: Search) -> Results:
+        seen.append(event)
+        return Results(id=event.id, seq=event.seq or 0, index_seq=0, hits=[SearchHit(key="k", tier="stm", score=1.0, snippet=event.query)])
+
+    router = start_router(shards=1)
+    router.router.search = search
+    with router.client() as client:
+        client.store("k", "hello")
+        reply = client.request(Search(query="hello world"))
+    logged = servers.event_log().read(0, 10)
+    assert isinstance(reply, Results)
+    assert reply.hits[0].snippet == "hello world"
+    assert [type(event).__name__ for event in logged] == ["Store", "Search"]
+    assert seen[0].seq == logged[1].seq
+
+
+def test_search_without_index_is_unavailable(start_router):
+    from events.types import Search
+
+    router = start_router(shards=1)
+    with router.client(attempts=1) as client:
+        (reply,) = client.pipeline([Search(query="x")])
+    assert isinstance(reply, Error)
+    assert reply.code == ErrorCode.UNAVAILABLE
