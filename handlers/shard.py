@@ -207,9 +207,9 @@ class Shard:
                 self._commit(writes, self.state.watermark)
         except BaseException:
             # The in-memory state may be ahead of the tiers now, and IM or LTM
-            # may hold the batch while STM does not. Loading those tiers as
-            # they are would see such a record twice, so finish the redo
-            # first, and a retry starts from the committed truth.
+            # may contain the batch while STM does not. Loading the tiers as
+            # they are would find a moved record in two tiers, so the redo is
+            # finished first and a retry starts from what is committed.
             self._reload_pending = True
             self.log_tag.error("shard.apply.failed", watermark=before, next="finishing any redo and reloading state from tiers")
             try:

@@ -227,6 +227,12 @@ class ShardState:
         seq, ts = event.seq or 0, event.ts or 0
         old = self._entry(namespace, key)
         expires = ts + event.ttl_s * 1000 if event.ttl_s is not None else None
+        if old is not None and _expired(old.meta, ts):
+            # Expired but not yet removed by maintenance: a Get already says
+            # NotFound, so the new Store starts a fresh history.
+            self._overlays[old.tier].delete((namespace, key))
+            self._cache.pop((namespace, key), None)
+            old = None
         if old is None:
             created, count, version, since = ts, 0, 1, ts
         else:
