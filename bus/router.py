@@ -46,6 +46,7 @@ from events.types import (
     TierDigest,
 )
 from handlers.actor import ShardStatusInfo
+from handlers.shard import answered_by_shard
 from handlers.sharding import shard_of
 
 __all__ = ["LANES", "Router", "RouterSettings"]
@@ -435,7 +436,7 @@ class Router:
                 per_shard.setdefault(shard, []).append(event)
             if pending is None:
                 continue
-            if isinstance(event, Get):
+            if answered_by_shard(event):
                 gets.setdefault(targets[0], []).append((event.id or "", pending))
             else:
                 self._reply(pending, Ack(id=event.id, seq=event.seq or 0))
@@ -443,9 +444,9 @@ class Router:
             self._count("duplicates")
             if isinstance(event, Search):
                 self._start_search(pending, msgspec.structs.replace(event, seq=original_seq, ts=now))
-            elif isinstance(event, Get):
-                # A repeated read: the shard answers from current state
-                # without recording a second access.
+            elif answered_by_shard(event):
+                # A repeated read or conditional write: the shard answers
+                # from what it applied, without applying it again.
                 shard = shard_of(event.namespace, shards)
                 per_shard.setdefault(shard, []).append(msgspec.structs.replace(event, seq=original_seq, ts=now))
                 gets.setdefault(shard, []).append((event.id or "", pending))

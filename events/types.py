@@ -16,6 +16,7 @@ __all__ = [
     "ADMIN_TYPES",
     "Ack",
     "Busy",
+    "Conflict",
     "Digest",
     "DigestReply",
     "Error",
@@ -45,6 +46,9 @@ __all__ = [
 Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Millis = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Importance = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+# A key's version counts its Stores since it last did not exist; 0 means
+# "the key must not exist" in an expected_version.
+Version = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class Message(
@@ -82,6 +86,11 @@ class Event(Message, frozen=True, kw_only=True):
 class Store(Event, frozen=True, kw_only=True, tag="Store"):
     """Write a memory to STM and the cache, replacing any older value of the key.
 
+    With `expected_version` set, the write happens only if the key's
+    current version equals it (0: the key must not exist); otherwise nothing
+    changes and the reply is `Conflict`. A conditional write is answered
+    after its shard applies it, unconditional ones once they are durable.
+
     Version history: v1 carried `tags` as one comma-separated string; v2 (the
     current version) carries a list of strings.
     """
@@ -92,6 +101,7 @@ class Store(Event, frozen=True, kw_only=True, tag="Store"):
     importance: Importance = 0.5
     tags: list[str] = []
     ttl_s: Annotated[int, msgspec.Meta(ge=1, le=10 * 365 * 86400)] | None = None
+    expected_version: Version | None = None
 
 
 class Get(Event, frozen=True, kw_only=True, tag="Get"):
@@ -101,9 +111,10 @@ class Get(Event, frozen=True, kw_only=True, tag="Get"):
 
 
 class Forget(Event, frozen=True, kw_only=True, tag="Forget"):
-    """Remove a key from every tier."""
+    """Remove a key from every tier; `expected_version` as for `Store`."""
 
     key: str
+    expected_version: Version | None = None
 
 
 class Maintain(Event, frozen=True, kw_only=True, tag="Maintain"):
@@ -187,6 +198,15 @@ class Results(Message, frozen=True, kw_only=True, tag="Results"):
     hits: list[SearchHit]
 
 
+class Conflict(Message, frozen=True, kw_only=True, tag="Conflict"):
+    """A conditional `Store` or `Forget` found another version; nothing changed."""
+
+    seq: int
+    key: str
+    expected_version: int
+    actual_version: int
+
+
 class Busy(Message, frozen=True, kw_only=True, tag="Busy"):
     """The lane is full; retry the same message, with the same id, later."""
 
@@ -244,6 +264,7 @@ REPLY_TYPES: tuple[type[Message], ...] = (
     Value,
     NotFound,
     Results,
+    Conflict,
     Busy,
     Error,
     StatusReply,
@@ -251,5 +272,5 @@ REPLY_TYPES: tuple[type[Message], ...] = (
 )
 
 Request = Union[Store, Get, Forget, Maintain, Search, Status, Digest]
-Reply = Union[Ack, Value, NotFound, Results, Busy, Error, StatusReply, DigestReply]
+Reply = Union[Ack, Value, NotFound, Results, Conflict, Busy, Error, StatusReply, DigestReply]
 AnyEvent = Union[Store, Get, Forget, Maintain, Search]

@@ -27,18 +27,25 @@ import structlog
 
 from events.log import EventLog
 from handlers.effects import EffectLog
-from events.types import Event, Get, Maintain, Message, TierDigest
+from events.types import Ack, Conflict, Event, Forget, Get, Maintain, Message, Store, TierDigest
 from handlers.policy import Policy
 from handlers.sharding import shard_of
 from handlers.state import ShardState
 from tiers.base import TIER_NAMES, Tier, TierWrites
 
-__all__ = ["RecoveryReport", "Shard"]
+__all__ = ["RecoveryReport", "Shard", "answered_by_shard"]
 
 log = structlog.get_logger("tiermem.shard")
 
 _REDO = "redo"
 _POLICY = "policy"
+
+
+def answered_by_shard(event: Event) -> bool:
+    """Whether the reply to `event` comes from the shard, after it is applied."""
+    if isinstance(event, Get):
+        return True
+    return isinstance(event, (Store, Forget)) and event.expected_version is not None
 
 
 class _Redo(msgspec.Struct, frozen=True, array_like=True):
@@ -189,12 +196,9 @@ class Shard:
         if self._reload_pending:
             self._reload()
         replayed = [
-            msgspec.structs.replace(
-                self.state.peek(event.namespace, event.key, event.seq or 0, event.ts),
-                id=event.id,
-            )
+            self._replayed_reply(event)
             for event in events
-            if isinstance(event, Get) and (event.seq or 0) <= self.state.watermark
+            if answered_by_shard(event) and (event.seq or 0) <= self.state.watermark
         ]
         before = self.state.watermark
         try:
@@ -224,6 +228,21 @@ class Shard:
         self._finish_redo()
         self.state.load(self.tiers["stm"].watermark())
         self._reload_pending = False
+
+    def _replayed_reply(self, event: Event) -> Message:
+        """Answer a resent event that this shard has already applied."""
+        seq = event.seq or 0
+        if isinstance(event, Get):
+            reply = self.state.peek(event.namespace, event.key, seq, event.ts)
+            return msgspec.structs.replace(reply, id=event.id)
+        # A conditional write: its outcome is in the effect stream.
+        if self.effect_log is not None:
+            for effect in self.effect_log.read(self.shard, seq - 1, seq):
+                if effect.kind == "conflict" and effect.key == event.key:
+                    expected, actual = (int(part) for part in (effect.reason or "0:0").split(":"))
+                    return Conflict(id=event.id, seq=seq, key=event.key, expected_version=expected, actual_version=actual)
+        # TODO: without an effect log (in-memory shards) a resent conditional write that conflicted the first time is answered as a duplicate Ack.
+        return Ack(id=event.id, seq=seq, duplicate=True)
 
     def _control(self, expected: Mapping[str, int]) -> dict[str, bytes | None]:
         return {

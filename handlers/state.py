@@ -17,7 +17,19 @@ from typing import Any
 import msgspec
 
 from events.limits import value_size
-from events.types import Event, Forget, Get, Maintain, Message, NotFound, Search, Store, Value
+from events.types import (
+    Ack,
+    Conflict,
+    Event,
+    Forget,
+    Get,
+    Maintain,
+    Message,
+    NotFound,
+    Search,
+    Store,
+    Value,
+)
 from handlers.effects import Effect
 from handlers.policy import Policy, retention
 from tiers.base import TIER_NAMES, Meta, Record, Tier, TierWrites
@@ -191,11 +203,15 @@ class ShardState:
                 )
             last = seq
             if isinstance(event, Store):
-                self._store(event)
+                reply = self._store(event)
+                if reply is not None:
+                    replies.append(reply)
             elif isinstance(event, Get):
                 replies.append(self._get(event))
             elif isinstance(event, Forget):
-                self._forget(event)
+                reply = self._forget(event)
+                if reply is not None:
+                    replies.append(reply)
             elif isinstance(event, Maintain):
                 self._maintain(event)
             elif isinstance(event, Search):
@@ -222,9 +238,30 @@ class ShardState:
             if not keys:
                 del self._index[namespace]
 
-    def _store(self, event: Store) -> None:
+    def _version(self, namespace: str, key: str, now: int) -> int:
+        entry = self._entry(namespace, key)
+        if entry is None or _expired(entry.meta, now):
+            return 0
+        return entry.meta.version
+
+    def _check_version(self, event: Store | Forget) -> Message | None:
+        """Return `Conflict` if a conditional write's expected version is stale."""
+        seq, ts = event.seq or 0, event.ts or 0
+        actual = self._version(event.namespace, event.key, ts)
+        if event.expected_version == actual:
+            return None
+        self.effects.append(
+            Effect(seq, "conflict", event.namespace, event.key, reason=f"{event.expected_version}:{actual}", client=event.id)
+        )
+        return Conflict(id=event.id, seq=seq, key=event.key, expected_version=event.expected_version or 0, actual_version=actual)
+
+    def _store(self, event: Store) -> Message | None:
         namespace, key = event.namespace, event.key
         seq, ts = event.seq or 0, event.ts or 0
+        if event.expected_version is not None:
+            conflict = self._check_version(event)
+            if conflict is not None:
+                return conflict
         old = self._entry(namespace, key)
         expires = ts + event.ttl_s * 1000 if event.ttl_s is not None else None
         if old is not None and _expired(old.meta, ts):
@@ -258,6 +295,7 @@ class ShardState:
         self._overlays["stm"].put(Record(namespace, key, event.value, meta))
         self._set_entry(namespace, key, _Entry("stm", meta))
         self._cache_put((namespace, key), event.value)
+        return Ack(id=event.id, seq=seq) if event.expected_version is not None else None
 
     def _get(self, event: Get) -> Message:
         namespace, key = event.namespace, event.key
@@ -291,14 +329,20 @@ class ShardState:
             tags=list(meta.tags),
         )
 
-    def _forget(self, event: Forget) -> None:
+    def _forget(self, event: Forget) -> Message | None:
+        if event.expected_version is not None:
+            conflict = self._check_version(event)
+            if conflict is not None:
+                return conflict
+        reply = Ack(id=event.id, seq=event.seq or 0) if event.expected_version is not None else None
         entry = self._entry(event.namespace, event.key)
         if entry is None:
-            return
+            return reply
         cache_key = (event.namespace, event.key)
         self._overlays[entry.tier].delete(cache_key)
         self._drop_entry(*cache_key)
         self._cache.pop(cache_key, None)
+        return reply
 
     # ----------------------------------------------------------- cache
 
