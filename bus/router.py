@@ -38,7 +38,9 @@ from events.types import (
     Event,
     Get,
     Maintain,
+    LogEvents,
     Message,
+    ReadLog,
     Search,
     ShardStatus,
     Status,
@@ -49,7 +51,7 @@ from handlers.actor import ShardStatusInfo
 from handlers.shard import answered_by_shard
 from handlers.sharding import shard_of
 
-__all__ = ["LANES", "Router", "RouterSettings"]
+__all__ = ["LANES", "Router", "RouterSettings", "publish_topic"]
 
 LANES = ("high", "normal", "low")
 
@@ -302,6 +304,8 @@ class Router:
                 events.append((pending, message))
             elif isinstance(message, Status):
                 self._start_admin(pending, "status")
+            elif isinstance(message, ReadLog):
+                self._read_log(pending, message)
             elif isinstance(message, Digest):
                 # Admin calls are queued behind everything sequenced so far,
                 # so first commit the events that arrived before this one.
@@ -404,7 +408,7 @@ class Router:
         if self.pub is None:
             return
         for event in events:
-            topic = f"{event.__struct_config__.tag}.{event.namespace or '*'}".encode()
+            topic = publish_topic(event.__struct_config__.tag, event.namespace)
             try:
                 self.pub.send_multipart([topic, encode_event(event)], zmq.NOBLOCK)
             except zmq.Again:
@@ -513,6 +517,16 @@ class Router:
             for pending in self._gets.pop((completion.token, reply.id or ""), []):
                 self._reply(pending, reply)
 
+    def _read_log(self, pending: _Pending, request: ReadLog) -> None:
+        """Answer a subscriber filling a gap: events from `from_seq`, in order."""
+        try:
+            events = self.log.read(request.from_seq - 1, request.limit)
+        except Exception as error:  # noqa: BLE001 - the client gets an Error, the router goes on
+            self.log_tag.error("router.read_log.failed", from_seq=request.from_seq, error=str(error))
+            self._reply(pending, Error(id=request.id, code=ErrorCode.UNAVAILABLE, message=f"the event log is unavailable ({error}); retry"))
+            return
+        self._reply(pending, LogEvents(id=request.id, events=events, last_seq=self.seq))
+
     def _start_admin(self, pending: _Pending, kind: str) -> None:
         shards = self.dispatcher.shards
         token = self._next_token()
@@ -577,6 +591,16 @@ class Router:
         for _ in range(len(self._resend)):
             lane, frames = self._resend.popleft()
             self._send(lane, frames)
+
+
+def publish_topic(type_name: str, namespace: str | None) -> bytes:
+    """Return the PUB topic of an event: `TYPE/NAMESPACE/`.
+
+    The trailing slash keeps prefixes exact: a subscription to
+    `Store/agent-1/` does not also match `Store/agent-10/`. A Maintain over
+    every namespace has an empty namespace part (`Maintain//`).
+    """
+    return f"{type_name}/{namespace or ''}/".encode()
 
 
 def _peek_id(payload: bytes) -> str | None:

@@ -24,8 +24,10 @@ __all__ = [
     "EVENT_TYPES",
     "Forget",
     "Get",
+    "LogEvents",
     "Maintain",
     "NotFound",
+    "ReadLog",
     "Reply",
     "REPLY_TYPES",
     "Request",
@@ -154,6 +156,13 @@ class Digest(Message, frozen=True, kw_only=True, tag="Digest"):
     """
 
 
+class ReadLog(Message, frozen=True, kw_only=True, tag="ReadLog"):
+    """Ask for logged events from `from_seq` on, to fill a subscription gap."""
+
+    from_seq: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+    limit: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 1000
+
+
 class Ack(Message, frozen=True, kw_only=True, tag="Ack"):
     """The event is durable in the log under `seq`."""
 
@@ -207,6 +216,13 @@ class Conflict(Message, frozen=True, kw_only=True, tag="Conflict"):
     actual_version: int
 
 
+class LogEvents(Message, frozen=True, kw_only=True, tag="LogEvents"):
+    """Logged events in sequence order, and the log's last sequence number."""
+
+    events: list[AnyEvent]
+    last_seq: int
+
+
 class Busy(Message, frozen=True, kw_only=True, tag="Busy"):
     """The lane is full; retry the same message, with the same id, later."""
 
@@ -257,7 +273,7 @@ class DigestReply(Message, frozen=True, kw_only=True, tag="DigestReply"):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (Store, Get, Forget, Maintain, Search)
-ADMIN_TYPES: tuple[type[Message], ...] = (Status, Digest)
+ADMIN_TYPES: tuple[type[Message], ...] = (Status, Digest, ReadLog)
 REQUEST_TYPES: tuple[type[Message], ...] = EVENT_TYPES + ADMIN_TYPES
 REPLY_TYPES: tuple[type[Message], ...] = (
     Ack,
@@ -265,12 +281,15 @@ REPLY_TYPES: tuple[type[Message], ...] = (
     NotFound,
     Results,
     Conflict,
+    LogEvents,
     Busy,
     Error,
     StatusReply,
     DigestReply,
 )
 
-Request = Union[Store, Get, Forget, Maintain, Search, Status, Digest]
-Reply = Union[Ack, Value, NotFound, Results, Conflict, Busy, Error, StatusReply, DigestReply]
+Request = Union[Store, Get, Forget, Maintain, Search, Status, Digest, ReadLog]
+Reply = Union[
+    Ack, Value, NotFound, Results, Conflict, LogEvents, Busy, Error, StatusReply, DigestReply
+]
 AnyEvent = Union[Store, Get, Forget, Maintain, Search]
