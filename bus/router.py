@@ -75,7 +75,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     )
     limits: Limits = Limits()
     max_batch: int = 2000
-    low_lane_share: int = 200
+    low_lane_batch: int = 256
+    low_lane_share: int = 32
     max_inflight_batches: int = 64
     client_window: int = 4096
     receive_hwm: int = 10_000
@@ -232,11 +233,15 @@ class Router:
         budget = settings.max_batch
         messages: list[tuple[_Pending, Message]] = []
         for lane in LANES:
-            # The low lane always gets a share of every batch, so a flood on
-            # the lanes above slows it but never stops it.
-            share = budget if lane != "low" else max(budget, settings.low_lane_share)
+            if lane == "low":
+                # At most low_lane_batch per loop, so a high-lane request waits
+                # behind one small batch of a low flood, not a large one; at
+                # least low_lane_share, so floods above never starve the low lane.
+                share = max(settings.low_lane_share, min(budget, settings.low_lane_batch))
+            else:
+                share = budget
             taken = self._receive(lane, share, messages, busy=overloaded and lane != "high")
-            budget -= taken
+            budget = max(0, budget - taken)
         if messages:
             self._process(messages)
 
