@@ -79,7 +79,8 @@ class Client:
     """A connection to the router's lanes.
 
     `timeout` is seconds per attempt, `attempts` the number of sends of one
-    request before `RequestTimeout`. The client is not thread-safe: use one
+    request before `RequestTimeout`. `curve` is (server public key, client
+    public key, client secret key), Z85, for a router that requires CURVE. The client is not thread-safe: use one
     per thread, as with any ZeroMQ socket.
     """
 
@@ -90,12 +91,14 @@ class Client:
         codec: str = MSGPACK,
         timeout: float = 10.0,
         attempts: int = 5,
+        curve: tuple[bytes, bytes, bytes] | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.codec = codec
         self.timeout = timeout
         self.attempts = attempts
+        self.curve = curve
         self.context = context or zmq.Context.instance()
         self._sockets: dict[str, zmq.Socket] = {}
 
@@ -110,6 +113,11 @@ class Client:
                 raise ValueError(f"lane {lane!r} is not one of {sorted(self.endpoints)}")
             sock = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                server_public, public, secret = self.curve
+                sock.curve_serverkey = server_public
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)

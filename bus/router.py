@@ -24,6 +24,7 @@ import structlog
 import xxhash
 import zmq
 
+from bus.auth import LANE_DOMAIN, PUB_DOMAIN, AuthSettings, Gatekeeper
 from bus.dispatch import Completion, Dispatcher, Waker
 from events.codec import JSON, MSGPACK, decode_request, detect_codec, encode_event, encode_reply
 from events.errors import ErrorCode, ProtocolError
@@ -83,6 +84,7 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     pub_hwm: int = 100_000
     heartbeat_ms: int = 5000
     busy_retry_ms: int = 50
+    auth: AuthSettings = AuthSettings()
     search_threads: int = 4
     max_pending_searches: int = 256
 
@@ -146,6 +148,7 @@ class Router:
         self.pub: zmq.Socket | None = None
         self.endpoints: dict[str, str] = {}
         self.log_tag = structlog.get_logger("tiermem.router")
+        self.gatekeeper = Gatekeeper(settings.auth, self.context) if settings.auth.enabled else None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -158,8 +161,13 @@ class Router:
     def bind(self) -> dict[str, str]:
         """Bind every lane and the PUB socket; return the endpoints in use."""
         settings = self.settings
+        if self.gatekeeper is not None:
+            # The ZAP handler must run before any socket accepts a peer.
+            self.gatekeeper.start()
         for lane in LANES:
             sock = self.context.socket(zmq.ROUTER)
+            if self.gatekeeper is not None:
+                self.gatekeeper.secure(sock, LANE_DOMAIN)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.SNDHWM, settings.send_hwm)
             sock.setsockopt(zmq.RCVHWM, settings.receive_hwm)
@@ -169,6 +177,8 @@ class Router:
             self.endpoints[lane] = self._bind(sock, settings.ports[lane])
             self.sockets[lane] = sock
         pub = self.context.socket(zmq.PUB)
+        if self.gatekeeper is not None:
+            self.gatekeeper.secure(pub, PUB_DOMAIN)
         pub.setsockopt(zmq.SNDHWM, settings.pub_hwm)
         pub.setsockopt(zmq.LINGER, 0)
         self.endpoints["pub"] = self._bind(pub, settings.ports["pub"])
@@ -193,6 +203,8 @@ class Router:
             sock.close(linger=0)
         if self.pub is not None:
             self.pub.close(linger=0)
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
         self.sockets = {}
         self.pub = None
         self._search_pool.shutdown(wait=False, cancel_futures=True)
@@ -248,9 +260,16 @@ class Router:
     def _receive(self, lane: str, limit: int, out: list, *, busy: bool) -> int:
         sock = self.sockets[lane]
         taken = 0
+        secured = self.gatekeeper is not None
         while taken < limit:
+            user_id = None
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                if secured:
+                    raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    user_id = raw[-1].get("User-Id")
+                    frames = [frame.bytes for frame in raw]
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             taken += 1
@@ -269,6 +288,11 @@ class Router:
                 self._reject(pending, error)
                 continue
             pending.codec = codec
+            if secured:
+                denial = self.gatekeeper.denial(user_id, message)
+                if denial is not None:
+                    self._forbid(pending, message, user_id, denial)
+                    continue
             if message.id is None:
                 message = msgspec.structs.replace(message, id=uuid.uuid4().hex)
             pending.request_id = message.id or ""
@@ -294,6 +318,20 @@ class Router:
             )
             return None
         return pending, body[0]
+
+    def _forbid(self, pending: _Pending, message: Message, user_id: str | None, reason: str) -> None:
+        self._count("error.forbidden")
+        # The audit line names the client and what it tried, never values.
+        self.log_tag.warning(
+            "router.forbidden",
+            lane=pending.lane,
+            client_key=(user_id or "")[:8] + "...",
+            request_type=message.__struct_config__.tag,
+            namespace=getattr(message, "namespace", None),
+            event_id=message.id,
+            reason=reason,
+        )
+        self._reply(pending, Error(id=message.id, code=ErrorCode.FORBIDDEN, message=reason))
 
     def _reject(self, pending: _Pending, error: ProtocolError) -> None:
         self._count(f"error.{error.code}")

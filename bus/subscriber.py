@@ -42,6 +42,7 @@ class Subscriber:
         namespaces: Collection[str] | None = None,
         read_batch: int = 1000,
         receive_hwm: int = 10_000,
+        curve: tuple[bytes, bytes, bytes] | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         if from_seq < 1:
@@ -55,9 +56,11 @@ class Subscriber:
         self.sock = self.context.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, receive_hwm)
+        if curve is not None:
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.connect(endpoints["pub"])
-        self.client = Client(endpoints, context=self.context)
+        self.client = Client(endpoints, curve=curve, context=self.context)
 
     def close(self) -> None:
         self.sock.close(linger=0)

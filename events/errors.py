@@ -18,6 +18,7 @@ class ErrorCode:
     MISSING_FIELD = "missing_field"
     UNSUPPORTED_VERSION = "unsupported_version"
     CONFLICT = "conflict"
+    FORBIDDEN = "forbidden"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -32,6 +33,7 @@ class ErrorCode:
         MISSING_FIELD,
         UNSUPPORTED_VERSION,
         CONFLICT,
+        FORBIDDEN,
         UNAVAILABLE,
         INTERNAL,
     )

@@ -143,6 +143,14 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from bus.auth import generate_keypair, load_keys
+
+    public, secret = generate_keypair(args.directory, args.name)
+    print(json.dumps({"name": args.name, "public_key": load_keys(public).public.decode(), "public_file": str(public), "secret_file": str(secret)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiermem", description="Event-sourced four-tier memory for AI agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait before resending (default: %(default)s)")
     _add_target(get)
     get.set_defaults(handler=cmd_get)
+
+    keygen = commands.add_parser("keygen", help="write a CurveZMQ key pair: NAME.key (public) and NAME.key_secret")
+    keygen.add_argument("directory", help="folder to write the two files into")
+    keygen.add_argument("--name", default="server", help="file name stem (default: %(default)s)")
+    keygen.set_defaults(handler=cmd_keygen)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of every request and reply")
     schema.set_defaults(handler=cmd_schema)
