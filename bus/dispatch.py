@@ -70,7 +70,11 @@ class Dispatcher(Protocol):
 
     shards: int
 
-    def submit(self, shard: int, token: int, events: Sequence[Event]) -> None: ...
+    def submit(
+        self, shard: int, token: int, events: Sequence[Event], encoded: Sequence[bytes] | None = None
+    ) -> None:
+        """Send a shard its events in seq order; `encoded` are their log encodings."""
+        ...
 
     def call(self, shard: int, token: int, method: str) -> None: ...
 
@@ -135,9 +139,13 @@ class RayDispatcher(_Base):
         payloads = ray.get([actor.status.remote() for actor in self.actors], timeout=timeout)
         return [msgspec.msgpack.decode(item, type=ShardStatusInfo) for item in payloads]
 
-    def submit(self, shard: int, token: int, events: Sequence[Event]) -> None:
+    def submit(self, shard: int, token: int, events: Sequence[Event], encoded: Sequence[bytes] | None = None) -> None:
         self._started()
-        payload = _events_encoder.encode(list(events))
+        if encoded is not None:
+            # The log's encoding of each event, reused: no second encode.
+            payload = _events_encoder.encode([msgspec.Raw(item) for item in encoded])
+        else:
+            payload = _events_encoder.encode(list(events))
         self._send(shard, token, payload, "apply", 1)
 
     def call(self, shard: int, token: int, method: str) -> None:
@@ -203,7 +211,7 @@ class LocalDispatcher(_Base):
             self._threads.append(thread)
             thread.start()
 
-    def submit(self, shard: int, token: int, events: Sequence[Event]) -> None:
+    def submit(self, shard: int, token: int, events: Sequence[Event], encoded: Sequence[bytes] | None = None) -> None:
         self._started()
         self._queues[shard].put((token, "apply", list(events)))
 

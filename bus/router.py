@@ -398,9 +398,11 @@ class Router:
             new_pending.append(pending)
             hashes.append(body_hash)
 
+        encoded: list[bytes] = []
         if new:
             try:
-                self.log.append(new, hashes)
+                # An EventLog that does not return the encodings gets them encoded here.
+                encoded = self.log.append(new, hashes) or [encode_event(event) for event in new]
             except Exception as error:  # noqa: BLE001 - every client gets an answer
                 self._append_failed(new, new_pending, error)
                 new, new_pending = [], []
@@ -408,8 +410,8 @@ class Router:
                 self.seq = seq
                 self.last_ts = now
                 self._count("appended", len(new))
-        self._publish(new)
-        self._ack_and_dispatch(new, new_pending, duplicates, now)
+        self._publish(new, encoded)
+        self._ack_and_dispatch(new, new_pending, duplicates, now, encoded)
 
     def _append_failed(self, events: list[Event], pendings: list[_Pending], error: BaseException) -> None:
         self.log_tag.error(
@@ -445,15 +447,16 @@ class Router:
             self.log_tag.warning("router.resync.recovered", from_seq=self.seq + 1, to_seq=last)
             self.seq = last
             self.last_ts = max(self.last_ts, logged[-1].ts or 0) if logged else self.last_ts
-            self._ack_and_dispatch(logged, [None] * len(logged), [], self.last_ts)
+            self._publish(logged, [encode_event(event) for event in logged])
+            self._ack_and_dispatch(logged, [None] * len(logged), [], self.last_ts, None)
 
-    def _publish(self, events: Sequence[Event]) -> None:
+    def _publish(self, events: Sequence[Event], encoded: Sequence[bytes]) -> None:
         if self.pub is None:
             return
-        for event in events:
+        for event, payload in zip(events, encoded, strict=True):
             topic = publish_topic(event.__struct_config__.tag, event.namespace)
             try:
-                self.pub.send_multipart([topic, encode_event(event)], zmq.NOBLOCK)
+                self.pub.send_multipart([topic, payload], zmq.NOBLOCK)
             except zmq.Again:
                 self._count("pub.dropped")
 
@@ -467,11 +470,13 @@ class Router:
         pendings: Sequence[_Pending | None],
         duplicates: list[tuple[_Pending, Event, int]],
         now: int,
+        encoded: Sequence[bytes] | None,
     ) -> None:
         per_shard: dict[int, list[Event]] = {}
+        payloads: dict[int, list[bytes]] = {}
         gets: dict[int, list[tuple[str, _Pending]]] = {}
         shards = self.dispatcher.shards
-        for event, pending in zip(events, pendings, strict=True):
+        for index, (event, pending) in enumerate(zip(events, pendings, strict=True)):
             if isinstance(event, Search):
                 # Searches are logged (for the audit trail) but change no
                 # tier, so they go to the search service, not to a shard.
@@ -481,6 +486,8 @@ class Router:
             targets = range(shards) if isinstance(event, Maintain) else (shard_of(event.namespace, shards),)
             for shard in targets:
                 per_shard.setdefault(shard, []).append(event)
+                if encoded is not None:
+                    payloads.setdefault(shard, []).append(encoded[index])
             if pending is None:
                 continue
             if answered_by_shard(event):
@@ -497,19 +504,22 @@ class Router:
                 shard = shard_of(event.namespace, shards)
                 per_shard.setdefault(shard, []).append(msgspec.structs.replace(event, seq=original_seq, ts=now))
                 gets.setdefault(shard, []).append((event.id or "", pending))
+                payloads.pop(shard, None)  # This batch is re-sorted below: encode it afresh.
             else:
                 self._reply(pending, Ack(id=event.id, seq=original_seq, duplicate=True))
         for shard in sorted(per_shard):
             batch = per_shard[shard]
-            # Repeated reads carry older seqs; the shard expects them first.
-            batch.sort(key=lambda item: item.seq or 0)
+            raw = payloads.get(shard)
+            if raw is None:
+                # Repeated reads carry older seqs; the shard expects them first.
+                batch.sort(key=lambda item: item.seq or 0)
             token = self._next_token()
             waiting = gets.get(shard, [])
             if waiting:
                 self._batch_gets[token] = [request_id for request_id, _ in waiting]
                 for request_id, pending in waiting:
                     self._gets.setdefault((token, request_id), []).append(pending)
-            self.dispatcher.submit(shard, token, batch)
+            self.dispatcher.submit(shard, token, batch, raw)
 
     # ----------------------------------------------------------- search
 

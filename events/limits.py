@@ -150,9 +150,16 @@ def check_limits(message: Message, limits: Limits) -> None:
     for index, tag in enumerate(message.tags):
         _check_name(f"tags[{index}]", tag, limits.max_tag_bytes, event_id)
 
-    # Depth first: a very deep value would also exhaust the encoder's stack.
-    _check_value(message.value, limits.max_depth, event_id)
-    size = value_size(message.value)
+    value = message.value
+    if isinstance(value, str):
+        # The common case: a string needs no walk, and its MessagePack size
+        # is its UTF-8 length plus a header of at most 5 bytes.
+        size = len(value.encode("utf-8", "surrogatepass"))
+        size += 1 if size < 32 else 2 if size < 256 else 3 if size < 65536 else 5
+    else:
+        # Depth first: a very deep value would also exhaust the encoder's stack.
+        _check_value(value, limits.max_depth, event_id)
+        size = value_size(value)
     if size > limits.max_value_bytes:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,

@@ -1,8 +1,8 @@
 """The durable event log: the `EventLog` protocol and its Redis Streams backend.
 
-Entry `N-0` of the stream holds the event with sequence number N, so the
-stream's own ordering rejects a sequence number that does not grow, and the
-last entry's id is the last sequence number. A hash maps each event id to
+Each stream entry holds one appended batch and is keyed by the batch's last
+sequence number, so the stream's own ordering rejects a batch that does not
+grow the log, and the last entry's id is the last sequence number. A hash maps each event id to
 its sequence number and body hash; it is written in the same MULTI/EXEC as
 the entries, so the log and its id index never disagree.
 """
@@ -18,7 +18,8 @@ import structlog
 
 from events.codec import decode_event, encode_event
 from events.errors import LogConfigError, LogError
-from events.types import Event
+from events.types import AnyEvent, Event
+from events.upcast import CURRENT_VERSIONS, needs_upcast
 
 __all__ = ["EventLog", "LoggedId", "RedisEventLog", "check_log_config"]
 
@@ -44,8 +45,12 @@ class EventLog(Protocol):
         """Return, for each id, where it was logged, or None."""
         ...
 
-    def append(self, events: Sequence[Event], body_hashes: Sequence[int]) -> None:
-        """Append events that carry consecutive `seq` values, durably, at once."""
+    def append(self, events: Sequence[Event], body_hashes: Sequence[int]) -> list[bytes]:
+        """Append events that carry consecutive `seq` values, durably, at once.
+
+        Returns each event's MessagePack encoding, for callers that send the
+        same bytes on (the PUB socket, the shards).
+        """
         ...
 
     def read(self, after_seq: int, limit: int) -> list[Event]:
@@ -99,12 +104,22 @@ def check_log_config(client: redis.Redis, *, allow_everysec: bool = False) -> No
         )  # fmt: skip
 
 
-_ids_encoder = msgspec.msgpack.Encoder()
-_ids_decoder = msgspec.msgpack.Decoder(LoggedId)
+def _parse_logged(text: bytes) -> LoggedId:
+    """Parse an id index value, `SEQ:BODYHASH` in decimal."""
+    seq, body_hash = text.split(b":")
+    return LoggedId(int(seq), int(body_hash))
+
 
 
 class RedisEventLog:
-    """The event log in a Redis Stream, with batched, transactional appends."""
+    """The event log in a Redis Stream, one entry per appended batch.
+
+    Entry `L-0` holds the events `F..L` of one batch (field `f` is F, field
+    `e` a MessagePack array of the encoded events), so an append is one
+    XADD however many events it carries, and the stream's ordering rejects
+    a batch whose last sequence number does not grow. A read of the events
+    after seq S starts at the first entry whose id is above S.
+    """
 
     def __init__(
         self,
@@ -118,6 +133,7 @@ class RedisEventLog:
         self.stream = stream
         self.ids_key = ids_key
         self.read_batch = read_batch
+        self._append_script = client.register_script(_APPEND_SCRIPT)
 
     def last_seq(self) -> int:
         entries = self.client.xrevrange(self.stream, count=1)
@@ -130,29 +146,48 @@ class RedisEventLog:
         if not ids:
             return []
         found = self.client.hmget(self.ids_key, list(ids))
-        return [_ids_decoder.decode(item) if item is not None else None for item in found]
+        return [_parse_logged(item) if item is not None else None for item in found]
 
-    def append(self, events: Sequence[Event], body_hashes: Sequence[int]) -> None:
+    def append(self, events: Sequence[Event], body_hashes: Sequence[int]) -> list[bytes]:
+        """Append one batch of consecutive events; return each event's encoding."""
         if not events:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        mapping: dict[str, bytes] = {}
-        for event, body_hash in zip(events, body_hashes, strict=True):
+            return []
+        first = events[0].seq
+        mapping: dict[bytes, bytes] = {}
+        encoded: list[bytes] = []
+        for offset, (event, body_hash) in enumerate(zip(events, body_hashes, strict=True)):
             if event.seq is None or event.id is None:
                 raise ValueError("events must carry seq and id before they are logged")
-            pipe.xadd(self.stream, {b"e": encode_event(event)}, id=f"{event.seq}-0")
-            mapping[event.id] = _ids_encoder.encode(LoggedId(event.seq, body_hash))
-        pipe.hset(self.ids_key, mapping=mapping)
+            if first is None or event.seq != first + offset:
+                raise ValueError(f"a batch must carry consecutive seqs; got {event.seq} at offset {offset} after {first}")
+            encoded.append(encode_event(event))
+            mapping[event.id.encode()] = f"{event.seq}:{body_hash}".encode()
+        payload = _batch_encoder.encode([msgspec.Raw(item) for item in encoded])
+        # The id index travels as one NUL-separated string that the script
+        # splits: thousands of separate arguments cost more to send, and ids
+        # never contain NUL (the router rejects them).
+        index = b"\x00".join(part for item in mapping.items() for part in item)
+        arguments = [first, events[-1].seq, payload, index]
         try:
-            pipe.execute()
+            self._append_script(keys=[self.stream, self.ids_key], args=arguments)
         except redis.ResponseError as error:
-            raise LogError(
-                f"appending events {events[0].seq}..{events[-1].seq} failed: {error}"
-            ) from error
+            raise LogError(f"appending events {first}..{events[-1].seq} failed: {error}") from error
+        return encoded
 
     def read(self, after_seq: int, limit: int) -> list[Event]:
-        entries = self.client.xrange(self.stream, min=f"{after_seq + 1}-0", count=limit)
-        return [decode_event(fields[b"e"]) for _, fields in entries]
+        events: list[Event] = []
+        start = f"{after_seq + 1}-0"
+        while len(events) < limit:
+            entries = self.client.xrange(self.stream, min=start, count=16)
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                for event in _decode_batch(fields[b"e"]):
+                    if (event.seq or 0) > after_seq and len(events) < limit:
+                        events.append(event)
+            last_id = int(entries[-1][0].split(b"-")[0])
+            start = f"{last_id + 1}-0"
+        return events
 
     def iter_from(self, after_seq: int, until_seq: int | None = None) -> Iterator[list[Event]]:
         position = after_seq
@@ -165,3 +200,50 @@ class RedisEventLog:
                 return
             position = batch[-1].seq or position
             yield batch
+
+
+# Append one batch atomically: check that it continues the log densely, then
+# XADD it and index its ids. A MULTI/EXEC would run the HSET even when the
+# XADD fails (Redis does not roll back), indexing ids that are not logged.
+_APPEND_SCRIPT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last_seq = 0
+if #last > 0 then
+  last_seq = tonumber(string.match(last[1][1], '^(%d+)'))
+end
+if tonumber(ARGV[1]) ~= last_seq + 1 then
+  return redis.error_reply('ERR tiermem log ends at seq ' .. last_seq .. ', batch starts at ' .. ARGV[1])
+end
+redis.call('XADD', KEYS[1], ARGV[2] .. '-0', 'f', ARGV[1], 'e', ARGV[3])
+local fields = {}
+for part in string.gmatch(ARGV[4], '([^%z]+)') do
+  fields[#fields + 1] = part
+  if #fields >= 1000 then
+    redis.call('HSET', KEYS[2], unpack(fields))
+    fields = {}
+  end
+end
+if #fields > 0 then
+  redis.call('HSET', KEYS[2], unpack(fields))
+end
+return last_seq
+"""
+
+_batch_encoder = msgspec.msgpack.Encoder()
+_batch_decoder = msgspec.msgpack.Decoder(list[AnyEvent])
+_raw_batch_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def _decode_batch(payload: bytes) -> list[Event]:
+    """Decode one log entry; entries of older schema versions go through upcasters."""
+    try:
+        events = _batch_decoder.decode(payload)
+    except msgspec.ValidationError:
+        events = None
+    if events is not None and all(
+        not needs_upcast(event.__struct_config__.tag, event.v)
+        and event.v <= CURRENT_VERSIONS[event.__struct_config__.tag]
+        for event in events
+    ):
+        return events
+    return [decode_event(bytes(raw)) for raw in _raw_batch_decoder.decode(payload)]

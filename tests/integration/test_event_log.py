@@ -83,8 +83,30 @@ def test_append_rejects_old_seq(event_log):
 def test_failed_append_writes_no_id(event_log):
     event_log.append([stamped(1)], [1])
     with pytest.raises(LogError):
-        event_log.append([stamped(1)], [1])
-    assert [item.seq if item else None for item in event_log.lookup(["id-1", "id-2"])] == [1, None]
+        event_log.append([stamped(3), stamped(4)], [3, 4])
+    assert event_log.lookup(["id-3", "id-4"]) == [None, None]
+    assert event_log.last_seq() == 1
+
+
+def test_append_rejects_gap(event_log):
+    event_log.append([stamped(1)], [1])
+    with pytest.raises(LogError) as raised:
+        event_log.append([stamped(3)], [3])
+    assert "ends at seq 1, batch starts at 3" in str(raised.value)
+
+
+def test_append_rejects_nonconsecutive_batch(event_log):
+    with pytest.raises(ValueError):
+        event_log.append([stamped(1), stamped(3)], [1, 3])
+
+
+def test_read_spans_batches(event_log):
+    event_log.append([stamped(1), stamped(2), stamped(3)], [1, 2, 3])
+    event_log.append([stamped(4), stamped(5)], [4, 5])
+    event_log.append([stamped(6)], [6])
+    assert [e.seq for e in event_log.read(2, 3)] == [3, 4, 5]
+    assert [e.seq for e in event_log.read(5, 10)] == [6]
+    assert event_log.read(6, 10) == []
 
 
 def test_lookup_returns_seq_and_hash(event_log):
@@ -109,7 +131,8 @@ def test_old_store_version_upcast_on_read(event_log):
     import msgspec
 
     old = {"type": "Store", "v": 1, "id": "old", "key": "k", "value": 1, "tags": "a, b", "seq": 1, "ts": 9}
-    event_log.client.xadd(event_log.stream, {b"e": msgspec.msgpack.encode(old)}, id="1-0")
+    entry = msgspec.msgpack.encode([msgspec.Raw(msgspec.msgpack.encode(old))])
+    event_log.client.xadd(event_log.stream, {b"f": b"1", b"e": entry}, id="1-0")
     (event,) = event_log.read(0, 1)
     assert event.v == 2
     assert event.tags == ["a", "b"]
