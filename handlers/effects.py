@@ -34,6 +34,8 @@ class Effect(msgspec.Struct, frozen=True, array_like=True):
     (`idle` or `capacity`).
     kind `delete`: maintenance removed the record from `tier` for `reason`
     (`expired` or `evicted`).
+    kind `conflict`: a conditional `Store` or `Forget` changed nothing;
+    `reason` is `EXPECTED:ACTUAL` (the two versions) and `client` the request id.
     """
 
     seq: int
