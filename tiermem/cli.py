@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--name", default="server", help="file name stem (default: %(default)s)")
     keygen.set_defaults(handler=cmd_keygen)
 
+    from tiermem.commands.projections import add_projection_parsers
+
+    add_projection_parsers(commands)
+
     schema = commands.add_parser("schema", help="print the JSON Schema of every request and reply")
     schema.set_defaults(handler=cmd_schema)
     return parser

@@ -29,14 +29,39 @@ class StackConfig(msgspec.Struct, kw_only=True):
     im_url: str | None = None
     allow_everysec: bool = False
     log_stream: str = "tiermem:log"
+    # The Redis of Celery's broker and result backend. When it is unset, the
+    # embedded stack starts one.
+    broker_url: str | None = None
+    # Seconds between the Maintain events that beat sends. Each pass has one
+    # slot of this length.
+    maintain_interval_s: float = 60.0
+    # Pool processes of the embedded worker. Its tasks mostly wait on the bus,
+    # and it shares the host with Redis, Ray and the router.
+    celery_concurrency: int = 2
+    # Seconds after which the Redis broker delivers an unacknowledged task
+    # again, so it must exceed the longest task. The task of a worker killed
+    # outright also waits this long, and up to 10 s more, to run again.
+    broker_visibility_timeout_s: int = 3600
 
     def __post_init__(self) -> None:
         if self.shards < 1:
             raise ValueError(f"shards must be at least 1, got {self.shards}")
+        if not self.maintain_interval_s > 0:
+            raise ValueError(f"maintain_interval_s must be positive, got {self.maintain_interval_s}")
+        if self.celery_concurrency < 1:
+            raise ValueError(f"celery_concurrency must be at least 1, got {self.celery_concurrency}")
+        if self.broker_visibility_timeout_s < 1:
+            raise ValueError(
+                f"broker_visibility_timeout_s must be at least 1, got {self.broker_visibility_timeout_s}"
+            )
 
     @property
     def ltm_dir(self) -> str:
         return str(Path(self.data_dir) / "ltm")
+
+    @property
+    def projections_db(self) -> str:
+        return str(Path(self.data_dir) / "projections.sqlite3")
 
 
 def write_stack_config(config: StackConfig, path: Path) -> None:

@@ -50,6 +50,25 @@ def shard_settings(config: StackConfig) -> list[ShardSettings]:
     ]
 
 
+def search_service(db_path: Path):
+    """Return the router's search callable over the search projection at `db_path`."""
+    from events.errors import ErrorCode
+    from events.types import Error, Results, Search
+    from replay.projections import search, wait_for_seq
+
+    def serve(event: Search):
+        if event.min_seq and not wait_for_seq(db_path, event.min_seq, event.wait_ms / 1000):
+            return Error(
+                id=event.id,
+                code=ErrorCode.UNAVAILABLE,
+                message=f"the search index has not reached seq {event.min_seq} after {event.wait_ms} ms; retry later",
+            )
+        hits, index_seq = search(db_path, event.namespace, event.query, event.limit, now_ms=event.ts)
+        return Results(id=event.id, seq=event.seq or 0, index_seq=index_seq, hits=hits)
+
+    return serve
+
+
 def run_router(config: StackConfig, endpoints_path: Path | None) -> None:
     """Start everything the router needs and serve until SIGTERM or SIGINT."""
     import ray
@@ -67,7 +86,7 @@ def run_router(config: StackConfig, endpoints_path: Path | None) -> None:
     for status in statuses:
         log.info("shard.ready", shard=status.shard, watermark=status.watermark, pid=status.pid, recovery=status.recovery and status.recovery.replayed)
 
-    router = Router(config.router, event_log, dispatcher, waker)
+    router = Router(config.router, event_log, dispatcher, waker, search=search_service(Path(config.projections_db)))
     endpoints = router.bind()
 
     def request_stop(signum: int, frame: object) -> None:
