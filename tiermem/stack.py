@@ -1,9 +1,11 @@
-"""The embedded stack: private Redis servers, a Ray head and the router process.
+"""The embedded stack: private Redis servers, a Ray head, the router, Celery.
 
 `Stack.start()` brings up whatever the configuration does not point to
 elsewhere, writes `DIR/stack.json` for the router process and waits until
-the router has written `DIR/endpoints.json`. `stop()` stops every child it
-started, newest first.
+the router has written `DIR/endpoints.json`. With `celery=True` it then
+starts a Celery worker and beat, which read `DIR/stack.json` through
+`TIERMEM_CONFIG`, and waits until the worker replies to a ping. `stop()`
+stops every child it started, newest first.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -29,17 +34,26 @@ log = structlog.get_logger("tiermem.stack")
 
 
 class Stack:
-    """Start and stop the embedded stack for one data directory."""
+    """Start and stop the embedded stack for one data directory.
 
-    def __init__(self, config: StackConfig, *, dashboard: bool = False) -> None:
+    `celery=False` leaves out the broker Redis, the Celery worker and beat,
+    for callers that only need the bus.
+    """
+
+    def __init__(self, config: StackConfig, *, dashboard: bool = False, celery: bool = True) -> None:
         self.config = config
         self.data_dir = Path(config.data_dir).resolve()
         self.config.data_dir = str(self.data_dir)
         self.dashboard = dashboard
+        self.celery = celery
         self.redis: dict[str, RedisServer] = {}
         self.ray: RayHead | None = None
         self.router: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker_name: str | None = None
+        self.beat: subprocess.Popen[bytes] | None = None
         self.endpoints: dict[str, str] = {}
+        self._control_app: Any = None
 
     @property
     def endpoints_path(self) -> Path:
@@ -59,13 +73,19 @@ class Stack:
             self._fix_ports()
             write_stack_config(self.config, self.config_path)
             self.start_router(timeout)
+            if self.celery:
+                self.start_worker(timeout)
+                self.start_beat(timeout)
         except BaseException:
             self.stop()
             raise
         return self.endpoints
 
     def _start_redis(self) -> None:
-        for role, attribute in (("log", "log_url"), ("stm", "stm_url"), ("im", "im_url")):
+        roles = [("log", "log_url"), ("stm", "stm_url"), ("im", "im_url")]
+        if self.celery:
+            roles.append(("broker", "broker_url"))
+        for role, attribute in roles:
             if getattr(self.config, attribute) is None:
                 fsync = "everysec" if role == "log" and self.config.allow_everysec else None
                 server = RedisServer(self.data_dir, role=role, appendfsync=fsync).start()
@@ -151,10 +171,168 @@ class Stack:
             self.router.wait()
         log.info("stack.router.stopped", pid=self.router.pid)
 
+    # ----------------------------------------------------------- celery
+
+    def _celery_env(self) -> dict[str, str]:
+        return dict(os.environ, TIERMEM_CONFIG=str(self.config_path), TIERMEM_LOG_JSON="1")
+
+    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / log_name, "ab") as output:
+            return subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=self._celery_env(),
+                start_new_session=True,
+            )
+
+    def start_worker(self, timeout: float = 120.0) -> None:
+        """Start a Celery worker on every tiermem queue and wait until it replies to a ping.
+
+        The worker reads `DIR/stack.json`, so `start()` (or the caller) must
+        have written it with `broker_url` set.
+        """
+        from replay.celery_app import QUEUES
+
+        if self.config.broker_url is None:
+            raise ServerError(
+                "broker_url is not set: start the stack with celery=True, or set config.broker_url"
+            )
+        if self.worker is not None and self.worker.poll() is None:
+            raise ServerError(f"a Celery worker is already running (pid {self.worker.pid}); stop or kill it first")
+        # A name of its own, so only this process can reply to the ping below.
+        self.worker_name = f"tiermem-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        command = [
+            sys.executable, "-m", "celery", "-A", "replay.celery_app", "worker",
+            "--queues", ",".join(QUEUES),
+            "--concurrency", str(self.config.celery_concurrency),
+            "--hostname", self.worker_name,
+            "--loglevel", "INFO",
+            # At start, mingle requests the state of other workers and
+            # waits for their replies, and gossip subscribes to their
+            # events. This worker needs neither.
+            "--without-mingle",
+            "--without-gossip",
+        ]  # fmt: skip
+        self.worker = self._spawn(command, "celery-worker.log")
+        try:
+            wait_until(self._worker_ready, timeout=timeout, interval=0.05, what="the Celery worker")
+        except TimeoutError:
+            self.kill_worker()
+            raise ServerError(
+                f"the Celery worker did not reply to a ping within {timeout:.0f}s; "
+                f"see {self.data_dir / 'logs' / 'celery-worker.log'}"
+            ) from None
+        except ServerError:
+            self.kill_worker()
+            raise
+        log.info("stack.worker.started", pid=self.worker.pid, hostname=self.worker_name)
+
+    def _worker_ready(self) -> bool:
+        if self.worker is not None and self.worker.poll() is not None:
+            raise ServerError(
+                f"the Celery worker exited with status {self.worker.returncode} at start; "
+                f"see {self.data_dir / 'logs' / 'celery-worker.log'}"
+            )
+        from kombu.exceptions import OperationalError
+
+        try:
+            replies = self.control_app().control.ping(destination=[self.worker_name], timeout=0.5)
+        except OperationalError as error:
+            raise ServerError(
+                f"the Celery broker at {self.config.broker_url} is unreachable ({error}); "
+                "check broker_url, or leave it unset so that the stack starts a broker"
+            ) from error
+        return bool(replies)
+
+    def control_app(self) -> Any:
+        """Return a Celery app on this stack's broker, for remote control and inspection."""
+        if self._control_app is None:
+            from replay.celery_app import create_app
+
+            self._control_app = create_app(self.config)
+        return self._control_app
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self.worker.pid if self.worker else None
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker and its pool processes, as a crash would."""
+        if self.worker is not None and self.worker.poll() is None:
+            _kill_group(self.worker.pid)
+            self.worker.wait()
+            log.info("stack.worker.killed", pid=self.worker.pid)
+
+    def stop_worker(self, timeout: float = 60.0) -> None:
+        """Stop the worker with SIGTERM, which lets running tasks finish, and SIGKILL it at the deadline."""
+        self._stop_child(self.worker, "worker", timeout)
+
+    def start_beat(self, timeout: float = 60.0) -> None:
+        """Start Celery beat and wait until it has written its schedule file."""
+        if self.beat is not None and self.beat.poll() is None:
+            raise ServerError(f"Celery beat is already running (pid {self.beat.pid}); stop it first")
+        command = [
+            sys.executable, "-m", "celery", "-A", "replay.celery_app", "beat",
+            "--loglevel", "INFO",
+        ]  # fmt: skip
+        self.beat = self._spawn(command, "celery-beat.log")
+        try:
+            wait_until(self._beat_ready, timeout=timeout, interval=0.05, what="Celery beat")
+        except TimeoutError:
+            self._stop_child(self.beat, "beat", timeout=10.0)
+            raise ServerError(
+                f"Celery beat did not write its schedule file within {timeout:.0f}s; "
+                f"see {self.data_dir / 'logs' / 'celery-beat.log'}"
+            ) from None
+        log.info("stack.beat.started", pid=self.beat.pid, interval_s=self.config.maintain_interval_s)
+
+    def _beat_ready(self) -> bool:
+        from replay.celery_app import read_schedule_state, schedule_path
+
+        if self.beat is not None and self.beat.poll() is not None:
+            raise ServerError(
+                f"Celery beat exited with status {self.beat.returncode} at start; "
+                f"see {self.data_dir / 'logs' / 'celery-beat.log'}"
+            )
+        state = read_schedule_state(schedule_path(self.config))
+        return self.beat is not None and state is not None and state.beat_pid == self.beat.pid
+
+    @property
+    def beat_pid(self) -> int | None:
+        return self.beat.pid if self.beat else None
+
+    def stop_beat(self, timeout: float = 30.0) -> None:
+        """Stop beat with SIGTERM, and SIGKILL it at the deadline."""
+        self._stop_child(self.beat, "beat", timeout)
+
+    def _stop_child(self, child: subprocess.Popen[bytes] | None, name: str, timeout: float) -> None:
+        if child is None or child.poll() is not None:
+            return
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning(f"stack.{name}.stop_timed_out", pid=child.pid, next="SIGKILL")
+            # The child leads its own process group, so this also ends its
+            # pool processes. It is sent while the leader is alive, so the
+            # group id cannot belong to anyone else yet.
+            _kill_group(child.pid)
+            child.wait()
+        log.info(f"stack.{name}.stopped", pid=child.pid)
+
     # ----------------------------------------------------------- stopping
 
     def stop(self) -> None:
-        """Stop the router, Ray and the Redis servers this stack started."""
+        """Stop beat, the worker, the router, Ray and the Redis servers this stack started."""
+        self.stop_beat()
+        self.stop_worker()
+        if self._control_app is not None:
+            self._control_app.close()
+            self._control_app = None
         self.stop_router()
         if self.ray is not None:
             self.ray.stop()
@@ -176,3 +354,11 @@ class Stack:
         while self.router is not None and self.router.poll() is None:
             time.sleep(poll)
         return self.router.returncode if self.router else None
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the process group `pgid`, ignoring a group that has already exited."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

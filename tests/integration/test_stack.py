@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def stack(ray_cluster, tmp_path: Path):
     config = StackConfig(data_dir=str(tmp_path / "data"), shards=2, ray_address=ray_cluster)
     config.router = msgspec.structs.replace(config.router, ports={"high": 0, "normal": 0, "low": 0, "pub": 0})
-    running = Stack(config)
+    running = Stack(config, celery=False)
     running.start()
     yield running
     running.stop()
