@@ -232,6 +232,8 @@ class LocalDispatcher(_Base):
                 elif method == "digests":
                     result = msgspec.msgpack.encode([host.watermark, host.digests()])
                     completion = Completion(shard=index, token=token, result=result)
+                elif method == "rebuild":
+                    completion = Completion(shard=index, token=token, result=msgspec.msgpack.encode(host.rebuild()))
                 elif method == "status":
                     info = ShardStatusInfo(shard=index, watermark=host.watermark, pid=os.getpid(), node="local", keys=host.state.entry_count())
                     completion = Completion(shard=index, token=token, result=msgspec.msgpack.encode(info))

@@ -42,14 +42,17 @@ from events.types import (
     LogEvents,
     Message,
     ReadLog,
+    Rebuild,
+    Rebuilt,
     Search,
+    ShardRebuild,
     ShardStatus,
     Status,
     StatusReply,
     TierDigest,
 )
 from handlers.actor import ShardStatusInfo
-from handlers.shard import answered_by_shard
+from handlers.shard import RecoveryReport, answered_by_shard
 from handlers.sharding import shard_of
 
 __all__ = ["LANES", "Router", "RouterSettings", "publish_topic"]
@@ -59,6 +62,7 @@ LANES = ("high", "normal", "low")
 _body_encoder = msgspec.msgpack.Encoder()
 _digests_type = msgspec.msgpack.Decoder(tuple[int, list[TierDigest]])
 _status_type = msgspec.msgpack.Decoder(ShardStatusInfo)
+_rebuild_type = msgspec.msgpack.Decoder(RecoveryReport)
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -349,6 +353,10 @@ class Router:
                 self._start_admin(pending, "status")
             elif isinstance(message, ReadLog):
                 self._read_log(pending, message)
+            elif isinstance(message, Rebuild):
+                self._sequence(events)
+                events = []
+                self._start_admin(pending, "rebuild", message.shard)
             elif isinstance(message, Digest):
                 # Admin calls are queued behind everything sequenced so far,
                 # so first commit the events that arrived before this one.
@@ -375,7 +383,7 @@ class Router:
         now = max(int(time.time() * 1000), self.last_ts)
         seq = self.seq
         for (pending, event), logged in zip(events, found, strict=True):
-            body_hash = xxhash.xxh64_intdigest(_body_encoder.encode(msgspec.structs.replace(event, seq=None, ts=None)))
+            body_hash = _body_hash(event)
             earlier = (logged.seq, logged.body_hash) if logged else seen.get(event.id or "")
             if earlier is not None:
                 if earlier[1] != body_hash:
@@ -445,6 +453,11 @@ class Router:
             # and get the original Ack from the id index.
             logged = self.log.read(self.seq, last - self.seq)
             self.log_tag.warning("router.resync.recovered", from_seq=self.seq + 1, to_seq=last)
+            # The append may have failed between the log and its id index:
+            # index the events again, so their clients' resends are duplicates.
+            indexer = getattr(self.log, "index", None)
+            if indexer is not None:
+                indexer(logged, [_body_hash(event) for event in logged])
             self.seq = last
             self.last_ts = max(self.last_ts, logged[-1].ts or 0) if logged else self.last_ts
             self._publish(logged, [encode_event(event) for event in logged])
@@ -580,12 +593,18 @@ class Router:
             return
         self._reply(pending, LogEvents(id=request.id, events=events, last_seq=self.seq))
 
-    def _start_admin(self, pending: _Pending, kind: str) -> None:
+    def _start_admin(self, pending: _Pending, kind: str, only: int | None = None) -> None:
         shards = self.dispatcher.shards
+        if only is not None and only >= shards:
+            self._reply(pending, Error(id=pending.request_id, code=ErrorCode.INVALID_FIELD, message=f"shard {only} does not exist; this router has shards 0 to {shards - 1}", field="$.shard"))
+            return
+        targets = range(shards) if only is None else [only]
         token = self._next_token()
-        call = _AdminCall(pending=pending, kind=kind, remaining=shards, seq=self.seq, results=[None] * shards)
+        call = _AdminCall(pending=pending, kind=kind, remaining=len(targets), seq=self.seq, results=[None] * shards)
         self._admin[token] = call
-        for shard in range(shards):
+        if kind == "rebuild":
+            self.log_tag.warning("router.rebuild.started", shards=list(targets), last_seq=self.seq, next="events keep being logged and apply after the rebuild")
+        for shard in targets:
             self.dispatcher.call(shard, token, kind)
 
     def _finish_admin(self, completion: Completion) -> None:
@@ -600,9 +619,19 @@ class Router:
             return
         del self._admin[completion.token]
         request_id = call.pending.request_id
-        if call.kind == "digests":
+        if call.kind == "rebuild":
+            reports = [_rebuild_type.decode(payload) for payload in call.results if payload is not None]
+            shards = [
+                ShardRebuild(shard=r.shard, snapshot_seq=r.snapshot_seq, replayed=r.replayed, watermark=r.watermark, seconds=r.seconds)
+                for r in reports
+            ]
+            self.log_tag.warning("router.rebuild.completed", shards=[item.shard for item in shards])
+            self._reply(call.pending, Rebuilt(id=request_id, seq=call.seq, shards=shards))
+        elif call.kind == "digests":
             tiers: list[TierDigest] = []
             for payload in call.results:
+                if payload is None:
+                    continue
                 _, digests = _digests_type.decode(payload)
                 tiers.extend(digests)
             self._reply(call.pending, DigestReply(id=request_id, seq=call.seq, tiers=tiers))
@@ -644,6 +673,11 @@ class Router:
         for _ in range(len(self._resend)):
             lane, frames = self._resend.popleft()
             self._send(lane, frames)
+
+
+def _body_hash(event: Event) -> int:
+    """Hash what the client sent, without the fields the router assigns."""
+    return xxhash.xxh64_intdigest(_body_encoder.encode(msgspec.structs.replace(event, seq=None, ts=None)))
 
 
 def publish_topic(type_name: str, namespace: str | None) -> bytes:

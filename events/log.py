@@ -174,6 +174,12 @@ class RedisEventLog:
             raise LogError(f"appending events {first}..{events[-1].seq} failed: {error}") from error
         return encoded
 
+    def index(self, events: Sequence[Event], body_hashes: Sequence[int]) -> None:
+        """Write the id index entries of events already in the log (repair after a failed append)."""
+        mapping = {event.id: f"{event.seq}:{body_hash}" for event, body_hash in zip(events, body_hashes, strict=True) if event.id}
+        if mapping:
+            self.client.hset(self.ids_key, mapping=mapping)
+
     def read(self, after_seq: int, limit: int) -> list[Event]:
         events: list[Event] = []
         start = f"{after_seq + 1}-0"
@@ -214,17 +220,18 @@ end
 if tonumber(ARGV[1]) ~= last_seq + 1 then
   return redis.error_reply('ERR tiermem log ends at seq ' .. last_seq .. ', batch starts at ' .. ARGV[1])
 end
-redis.call('XADD', KEYS[1], ARGV[2] .. '-0', 'f', ARGV[1], 'e', ARGV[3])
 local fields = {}
 for part in string.gmatch(ARGV[4], '([^%z]+)') do
   fields[#fields + 1] = part
-  if #fields >= 1000 then
-    redis.call('HSET', KEYS[2], unpack(fields))
-    fields = {}
-  end
 end
-if #fields > 0 then
-  redis.call('HSET', KEYS[2], unpack(fields))
+if #fields % 2 ~= 0 then
+  return redis.error_reply('ERR tiermem id index has an odd number of parts')
+end
+-- Every check is above this line: a script that fails after a write keeps
+-- that write, so nothing may fail between the XADD and the index.
+redis.call('XADD', KEYS[1], ARGV[2] .. '-0', 'f', ARGV[1], 'e', ARGV[3])
+for i = 1, #fields, 1000 do
+  redis.call('HSET', KEYS[2], unpack(fields, i, math.min(i + 999, #fields)))
 end
 return last_seq
 """

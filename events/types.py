@@ -28,6 +28,8 @@ __all__ = [
     "Maintain",
     "NotFound",
     "ReadLog",
+    "Rebuild",
+    "Rebuilt",
     "Reply",
     "REPLY_TYPES",
     "Request",
@@ -35,6 +37,7 @@ __all__ = [
     "Results",
     "Search",
     "SearchHit",
+    "ShardRebuild",
     "ShardStatus",
     "Status",
     "StatusReply",
@@ -156,6 +159,33 @@ class Digest(Message, frozen=True, kw_only=True, tag="Digest"):
     """
 
 
+class Rebuild(Message, frozen=True, kw_only=True, tag="Rebuild"):
+    """Rebuild the live tiers of every shard (or one) from its newest snapshot and the log.
+
+    The router keeps accepting and logging events meanwhile; each shard
+    applies them after its rebuild. Answered with `Rebuilt`.
+    """
+
+    shard: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class ShardRebuild(msgspec.Struct, frozen=True, kw_only=True):
+    """What one shard's rebuild did."""
+
+    shard: int
+    snapshot_seq: int | None
+    replayed: int
+    watermark: int
+    seconds: float
+
+
+class Rebuilt(Message, frozen=True, kw_only=True, tag="Rebuilt"):
+    """Every requested shard has rebuilt; `seq` is the log position when asked."""
+
+    seq: int
+    shards: list[ShardRebuild]
+
+
 class ReadLog(Message, frozen=True, kw_only=True, tag="ReadLog"):
     """Ask for logged events from `from_seq` on, to fill a subscription gap."""
 
@@ -273,7 +303,7 @@ class DigestReply(Message, frozen=True, kw_only=True, tag="DigestReply"):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (Store, Get, Forget, Maintain, Search)
-ADMIN_TYPES: tuple[type[Message], ...] = (Status, Digest, ReadLog)
+ADMIN_TYPES: tuple[type[Message], ...] = (Status, Digest, ReadLog, Rebuild)
 REQUEST_TYPES: tuple[type[Message], ...] = EVENT_TYPES + ADMIN_TYPES
 REPLY_TYPES: tuple[type[Message], ...] = (
     Ack,
@@ -282,14 +312,25 @@ REPLY_TYPES: tuple[type[Message], ...] = (
     Results,
     Conflict,
     LogEvents,
+    Rebuilt,
     Busy,
     Error,
     StatusReply,
     DigestReply,
 )
 
-Request = Union[Store, Get, Forget, Maintain, Search, Status, Digest, ReadLog]
+Request = Union[Store, Get, Forget, Maintain, Search, Status, Digest, ReadLog, Rebuild]
 Reply = Union[
-    Ack, Value, NotFound, Results, Conflict, LogEvents, Busy, Error, StatusReply, DigestReply
+    Ack,
+    Value,
+    NotFound,
+    Results,
+    Conflict,
+    LogEvents,
+    Rebuilt,
+    Busy,
+    Error,
+    StatusReply,
+    DigestReply,
 ]
 AnyEvent = Union[Store, Get, Forget, Maintain, Search]

@@ -45,6 +45,8 @@ class ShardSettings(msgspec.Struct, frozen=True, kw_only=True):
     ltm_dir: str
     policy: Policy = Policy()
     log_stream: str = "tiermem:log"
+    # Root of the snapshot files (`DIR/snapshots`). With None, a rebuild replays the whole log.
+    snapshot_dir: str | None = None
 
 
 class ShardStatusInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +74,7 @@ def build_shard(settings: ShardSettings) -> Shard:
         settings.policy,
         event_log,
         RedisEffectLog(log_client),
+        snapshot_dir=settings.snapshot_dir,
     )
 
 
@@ -99,6 +102,15 @@ class ShardHost:
 
     def digests(self) -> bytes:
         return msgspec.msgpack.encode([self.shard.watermark, self.shard.digests()])
+
+    def rebuild(self) -> bytes:
+        """Rebuild the tiers from the newest snapshot and the log; return the encoded RecoveryReport.
+
+        Ray runs one caller's calls to this actor in order, so batches sent
+        after this call are applied after the rebuild.
+        """
+        self.recovery = self.shard.rebuild()
+        return msgspec.msgpack.encode(self.recovery)
 
     def status(self) -> bytes:
         info = ShardStatusInfo(

@@ -59,6 +59,10 @@ class EffectLog(Protocol):
         """Return the effects of events in (after_seq, until_seq], in order."""
         ...
 
+    def reset(self, shard: int) -> None:
+        """Delete a shard's effects, before it rebuilds under another policy."""
+        ...
+
 
 def effects_stream(shard: int) -> str:
     return f"tiermem:effects:{shard}"
@@ -105,6 +109,10 @@ class RedisEffectLog:
             return
         pipe.execute()
         self._last[shard] = newest
+
+    def reset(self, shard: int) -> None:
+        self.client.delete(effects_stream(shard))
+        self._last.pop(shard, None)
 
     def read(self, shard: int, after_seq: int, until_seq: int) -> list[Effect]:
         if until_seq <= after_seq:

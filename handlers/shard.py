@@ -12,12 +12,14 @@ tiers whose watermark already covers it.
 STM's control hash also records the watermark it expects IM and LTM to have.
 If a tier comes back from a crash with another watermark (its Redis lost
 writes, its file was replaced), the shard cannot trust the tiers to agree,
-and it rebuilds them from the log.
+and it rebuilds them: from the newest valid snapshot in `snapshot_dir` when
+there is one, and from the log after it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import hashlib
 import time
@@ -32,6 +34,7 @@ from handlers.policy import Policy
 from handlers.sharding import shard_of
 from handlers.state import ShardState
 from tiers.base import TIER_NAMES, Tier, TierWrites
+from tiers.snapshot import Snapshot, load_into_tiers, newest_valid
 
 __all__ = ["RecoveryReport", "Shard", "answered_by_shard"]
 
@@ -55,7 +58,11 @@ class _Redo(msgspec.Struct, frozen=True, array_like=True):
 
 
 class RecoveryReport(msgspec.Struct, frozen=True, kw_only=True):
-    """What a shard did to come back: redo, rebuild, and events replayed."""
+    """What a shard did to come back: redo, rebuild, and events replayed.
+
+    `snapshot_seq` is the watermark of the snapshot a rebuild started from,
+    None when it started from empty tiers.
+    """
 
     shard: int
     redo_finished: bool
@@ -65,6 +72,7 @@ class RecoveryReport(msgspec.Struct, frozen=True, kw_only=True):
     replayed: int
     watermark: int
     seconds: float
+    snapshot_seq: int | None = None
 
 
 _redo_encoder = msgspec.msgpack.Encoder()
@@ -83,6 +91,8 @@ class Shard:
         policy: Policy,
         event_log: EventLog | None = None,
         effect_log: EffectLog | None = None,
+        *,
+        snapshot_dir: str | Path | None = None,
     ) -> None:
         missing = [name for name in TIER_NAMES if name not in tiers]
         if missing:
@@ -93,9 +103,12 @@ class Shard:
         self.policy = policy
         self.log = event_log
         self.effect_log = effect_log
+        # Root of this shard's snapshots (`ROOT/shard-<n>/*.snap`), read by rebuilds.
+        self.snapshot_dir = snapshot_dir
         self.state = ShardState(shard, policy, tiers)
         self.fingerprint = f"{policy.fingerprint()}:{shards}"
         self._expected = {"im": 0, "ltm": 0}
+        self._reset_effects = False
         # Set while the in-memory state may disagree with the tiers after a
         # failed apply. `apply` reloads before it applies anything else.
         self._reload_pending = False
@@ -104,18 +117,56 @@ class Shard:
     # ----------------------------------------------------------- recovery
 
     def recover(self) -> RecoveryReport:
-        """Finish a pending redo, check the tiers agree, load state, catch up."""
+        """Finish a pending redo, check the tiers agree, load state, catch up.
+
+        When the tiers disagree, or are empty while the log is not, they are
+        cleared and rebuilt from the newest valid snapshot (if any) and the
+        log after it.
+        """
+        return self._recover(None)
+
+    def rebuild(self) -> RecoveryReport:
+        """Clear the tiers and rebuild them from the newest valid snapshot and the log.
+
+        For tiers that lost data in a way the consistency check of `recover`
+        cannot see. Not safe to run while another thread applies to this shard.
+        """
+        return self._recover("rebuild requested")
+
+    def _recover(self, forced_reason: str | None) -> RecoveryReport:
         started = time.monotonic()
         stm = self.tiers["stm"]
-        redo_finished = self._finish_redo()
-        reason = self._inconsistency()
+
+        if forced_reason is None:
+            redo_finished = self._finish_redo()
+            reason = self._inconsistency()
+        else:
+            # The tiers are cleared anyway, so a pending redo is not finished.
+            redo_finished, reason = False, forced_reason
+
         rebuilt = reason is not None
+        snapshot = self._newest_snapshot() if rebuilt else None
         if rebuilt:
-            self.log_tag.error("shard.rebuild.started", reason=reason, next="replaying the whole log")
-            for tier in self.tiers.values():
-                tier.clear()
-            self._expected = {"im": 0, "ltm": 0}
-            stm.commit(TierWrites(), 0, {_POLICY: self.fingerprint.encode(), "im_wm": b"0", "ltm_wm": b"0"})
+            # A requested rebuild is an operator's decision, not a fault found here.
+            emit = self.log_tag.warning if forced_reason is not None else self.log_tag.error
+            emit(
+                "shard.rebuild.started",
+                reason=reason,
+                snapshot_seq=snapshot.watermark if snapshot else None,
+                next="loading the snapshot and replaying the log after it" if snapshot else "replaying the whole log",
+            )
+            if self._reset_effects and self.effect_log is not None:
+                self.effect_log.reset(self.shard)
+                self.log_tag.warning("shard.effects.reset", next="rebuild the projections: delete the projection database and run `tiermem projections run`")
+                self._reset_effects = False
+            if snapshot is not None:
+                self.load_snapshot(snapshot)
+            else:
+                for tier in self.tiers.values():
+                    tier.clear()
+                self._expected = {"im": 0, "ltm": 0}
+                stm.commit(TierWrites(), 0, {_POLICY: self.fingerprint.encode(), "im_wm": b"0", "ltm_wm": b"0"})
+
         loaded = stm.watermark()
         self.state.load(loaded)
         self._reload_pending = False
@@ -129,9 +180,39 @@ class Shard:
             replayed=replayed,
             watermark=self.state.watermark,
             seconds=round(time.monotonic() - started, 3),
+            snapshot_seq=snapshot.watermark if snapshot else None,
         )
         self.log_tag.info("shard.recovered", **msgspec.structs.asdict(report))
         return report
+
+    def _newest_snapshot(self) -> Snapshot | None:
+        if self.snapshot_dir is None:
+            return None
+        # A snapshot past the log's end reflects events this log does not contain
+        # (another log's, or ones a log lost with its tail), so it is passed over.
+        last = self.log.last_seq() if self.log is not None else None
+        return newest_valid(self.snapshot_dir, self.shard, self.fingerprint, max_seq=last)
+
+    def load_snapshot(self, snapshot: Snapshot) -> None:
+        """Replace the tiers' contents with `snapshot` and load the state from it.
+
+        STM gets its control values (policy fingerprint and the IM and LTM
+        watermarks it expects) in the last commit of the load, so a crash
+        during the load leaves tiers that the next `recover` rebuilds.
+        """
+        if snapshot.shard != self.shard or snapshot.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"snapshot of shard {snapshot.shard} with fingerprint {snapshot.fingerprint} "
+                f"does not fit shard {self.shard} with fingerprint {self.fingerprint}"
+            )
+        for tier in self.tiers.values():
+            tier.clear()
+        watermark = str(snapshot.watermark).encode()
+        control = {_POLICY: self.fingerprint.encode(), _REDO: None, "im_wm": watermark, "ltm_wm": watermark}
+        load_into_tiers(snapshot, self.tiers, control)
+        self._expected = {"im": snapshot.watermark, "ltm": snapshot.watermark}
+        self.state.load(snapshot.watermark)
+        self._reload_pending = False
 
     def _finish_redo(self) -> bool:
         stm = self.tiers["stm"]
@@ -155,9 +236,15 @@ class Shard:
         if stored is None:
             if has_data:
                 return "STM has no policy fingerprint but tiers hold data"
+            last = self.log.last_seq() if self.log is not None else 0
+            if last > 0:
+                return f"the tiers are empty but the log holds events up to seq {last}"
             stm.commit(TierWrites(), 0, {_POLICY: self.fingerprint.encode(), "im_wm": b"0", "ltm_wm": b"0"})
             return None
         if stored.decode() != self.fingerprint:
+            # Effects written under the old policy no longer describe what
+            # this shard does, and the writer would skip the new ones.
+            self._reset_effects = True
             return f"policy or shard count changed ({stored.decode()} -> {self.fingerprint})"
         for name in ("im", "ltm"):
             expected = int(stm.control(f"{name}_wm") or b"0")

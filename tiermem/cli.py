@@ -130,6 +130,11 @@ def cmd_get(args: argparse.Namespace) -> int:
     from bus.client import Client
     from events.types import Get, Value
 
+    if args.view:
+        from tiermem.commands.replay import print_view_get
+
+        return print_view_get(args.data_dir, args.view, args.namespace, args.key)
+
     with Client(_endpoints(args), timeout=args.timeout) as client:
         reply = client.request(Get(key=args.key, namespace=args.namespace), lane=args.priority)
     print(msgspec.json.encode(reply).decode())
@@ -181,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--namespace", default="default", help="namespace of the key (default: %(default)s)")
     get.add_argument("--priority", choices=("high", "normal", "low"), default="high", help="lane to send on (default: %(default)s)")
     get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait before resending (default: %(default)s)")
+    get.add_argument("--view", help="read from a view built by `tiermem replay --to-seq/--as-of --view NAME` instead of live")
     _add_target(get)
     get.set_defaults(handler=cmd_get)
 
@@ -190,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(handler=cmd_keygen)
 
     from tiermem.commands.projections import add_projection_parsers
+    from tiermem.commands.replay import add_replay_parser, add_snapshot_parser
 
     add_projection_parsers(commands)
+    add_replay_parser(commands)
+    add_snapshot_parser(commands)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of every request and reply")
     schema.set_defaults(handler=cmd_schema)

@@ -45,6 +45,7 @@ def shard_settings(config: StackConfig) -> list[ShardSettings]:
             ltm_dir=config.ltm_dir,
             policy=config.policy,
             log_stream=config.log_stream,
+            snapshot_dir=str(Path(config.data_dir) / "snapshots"),
         )
         for index in range(config.shards)
     ]

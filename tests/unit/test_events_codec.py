@@ -205,7 +205,7 @@ def test_unknown_type_rejected(codec):
     assert error.code == ErrorCode.UNKNOWN_TYPE
     assert error.field == "$.type"
     assert "'Remember'" in error.message
-    assert "Digest, Forget, Get, Maintain, ReadLog, Search, Status, Store" in error.message
+    assert "Digest, Forget, Get, Maintain, ReadLog, Rebuild, Search, Status, Store" in error.message
 
 
 def test_reply_type_as_request_rejected():
