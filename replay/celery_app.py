@@ -41,6 +41,8 @@ __all__ = [
     "CONFIG_ENV",
     "JsonScheduler",
     "MAINTAIN_TASK",
+    "PROJECTIONS_TASK",
+    "SNAPSHOT_TASK",
     "QUEUES",
     "SlotSchedule",
     "TASK_MODULES",
@@ -72,6 +74,8 @@ TASK_MODULES = (
 )
 
 MAINTAIN_TASK = "tiermem.maintenance.maintain"
+PROJECTIONS_TASK = "tiermem.projections.run"
+SNAPSHOT_TASK = "tiermem.replay.snapshot_shard"
 
 # Each queue takes the tasks named `tiermem.<area>.*` and, for tasks left
 # with Celery's default name, those named after their module.
@@ -171,7 +175,24 @@ def celery_settings(config: StackConfig) -> dict[str, Any]:
                 # A pass still queued when the next slot begins is dropped,
                 # because the next pass does the same work on newer state.
                 "options": {"queue": "maintenance", "expires": interval},
-            }
+            },
+            # Projections catch up in coarse runs; an idle run costs one read
+            # of the log's end. A run still queued at the next tick is dropped.
+            "projections": {
+                "task": PROJECTIONS_TASK,
+                "schedule": timedelta(seconds=config.projection_interval_s),
+                "kwargs": {"max_seconds": max(1.0, config.projection_interval_s * 5)},
+                "options": {"queue": "processing", "expires": config.projection_interval_s * 2},
+            },
+            **{
+                f"snapshot-{shard}": {
+                    "task": SNAPSHOT_TASK,
+                    "schedule": timedelta(seconds=config.snapshot_interval_s),
+                    "kwargs": {"shard": shard},
+                    "options": {"queue": "replay", "expires": config.snapshot_interval_s},
+                }
+                for shard in range(config.shards)
+            },
         },
         # The tasks read the stack's data directory and limits from here.
         "tiermem_stack": config,

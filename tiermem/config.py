@@ -35,6 +35,10 @@ class StackConfig(msgspec.Struct, kw_only=True):
     # Seconds between the Maintain events that beat sends. Each pass has one
     # slot of this length.
     maintain_interval_s: float = 60.0
+    # Seconds between the beat runs that catch the projections up.
+    projection_interval_s: float = 1.0
+    # Seconds between scheduled snapshots of each shard.
+    snapshot_interval_s: float = 600.0
     # Pool processes of the embedded worker. Its tasks mostly wait on the bus,
     # and it shares the host with Redis, Ray and the router.
     celery_concurrency: int = 2
@@ -46,6 +50,9 @@ class StackConfig(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if self.shards < 1:
             raise ValueError(f"shards must be at least 1, got {self.shards}")
+        for name in ("projection_interval_s", "snapshot_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.maintain_interval_s > 0:
             raise ValueError(f"maintain_interval_s must be positive, got {self.maintain_interval_s}")
         if self.celery_concurrency < 1:
