@@ -135,12 +135,10 @@ def run_demo(
     # The demo runs its own maintenance passes, so beat's schedule is set
     # beyond the demo's length; digests are still checked against the log
     # if another event arrives.
-    config = StackConfig(data_dir=str(data_dir), shards=shards)
-    if "maintain_interval_s" in StackConfig.__struct_fields__:
-        config.maintain_interval_s = 3600.0
+    config = StackConfig(data_dir=str(data_dir), shards=shards, maintain_interval_s=3600.0)
     config.router = msgspec.structs.replace(config.router, ports={"high": 0, "normal": 0, "low": 0, "pub": 0})
     stack = Stack(config)
-    say(f"starting the embedded stack in {data_dir} (Redis x3, Ray, router, {shards} shards)")
+    say(f"starting the embedded stack in {data_dir} (4 Redis servers, Ray, the router with {shards} shards, a Celery worker and beat)")
     stack.start()
     try:
         return _run(stack, limit, sample_size, maintenance_cycles, show_progress, say, started)
