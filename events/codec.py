@@ -45,11 +45,22 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
 class _Header(msgspec.Struct):
-    """The fields that pick an upcaster and carry the id to echo. Others are ignored."""
+    """The fields needed to route a message to an upcaster and to echo its id.
 
-    type: str | None = None
-    v: int | None = None
-    id: str | None = None
+    Typed loosely, so a wrong `type` or `v` does not also lose a readable id.
+    """
+
+    type: Any = None
+    v: Any = None
+    id: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, str):
+            self.type = None
+        if not isinstance(self.v, int) or isinstance(self.v, bool):
+            self.v = None
+        if not isinstance(self.id, str):
+            self.id = None
 
 
 _json_header = msgspec.json.Decoder(_Header)

@@ -51,7 +51,7 @@ def test_slow_subscriber_recovers_dropped_events(start_router):
     finally:
         subscriber.close()
     assert [event.seq for event in events] == list(range(1, 5001))
-    assert router.router.counters.get("pub.dropped", 0) + subscriber.filled > 0
+    assert subscriber.filled > 0
 
 
 def test_filtered_subscription(start_router):
