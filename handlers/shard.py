@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import hashlib
+import threading
 import time
 
 import msgspec
@@ -29,7 +30,8 @@ import structlog
 
 from events.log import EventLog
 from handlers.effects import EffectLog
-from events.types import Ack, Conflict, Event, Forget, Get, Maintain, Message, Store, TierDigest
+from events.errors import ErrorCode
+from events.types import Ack, Conflict, Error, Event, Forget, Get, Maintain, Message, NotFound, Store, TierDigest
 from handlers.policy import Policy
 from handlers.sharding import shard_of
 from handlers.state import ShardState
@@ -109,6 +111,13 @@ class Shard:
         self.fingerprint = f"{policy.fingerprint()}:{shards}"
         self._expected = {"im": 0, "ltm": 0}
         self._reset_effects = False
+        self._lock = threading.RLock()
+        self._paused = False
+        self._pause_reason: str | None = None
+        self._resumer: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.resume_initial_s = 0.25
+        self.resume_max_s = 5.0
         # Set while the in-memory state may disagree with the tiers after a
         # failed apply. `apply` reloads before it applies anything else.
         self._reload_pending = False
@@ -123,7 +132,8 @@ class Shard:
         cleared and rebuilt from the newest valid snapshot (if any) and the
         log after it.
         """
-        return self._recover(None)
+        with self._lock:
+            return self._recover(None)
 
     def rebuild(self) -> RecoveryReport:
         """Clear the tiers and rebuild them from the newest valid snapshot and the log.
@@ -131,7 +141,10 @@ class Shard:
         For tiers that lost data in a way the consistency check of `recover`
         cannot see. Not safe to run while another thread applies to this shard.
         """
-        return self._recover("rebuild requested")
+        with self._lock:
+            report = self._recover("rebuild requested")
+            self._paused = False
+            return report
 
     def _recover(self, forced_reason: str | None) -> RecoveryReport:
         started = time.monotonic()
@@ -279,7 +292,23 @@ class Shard:
         A `Get` at or below the watermark was applied before (this is a
         resend after a restart): it is answered from current state without
         recording the access again.
+
+        If a tier (or the log) fails, the shard opens its circuit breaker:
+        it stops applying, answers reads from what it can still reach with
+        `degraded` set, and retries in the background. The batch's events
+        stay in the log, and the shard applies them, in order, when it
+        resumes, so nothing is skipped.
         """
+        with self._lock:
+            if self._paused and not self._try_resume():
+                return self._degraded_replies(events)
+            try:
+                return self._apply(events)
+            except Exception as error:  # noqa: BLE001 - the breaker retries, the log keeps the events
+                self._pause(error)
+                return self._degraded_replies(events)
+
+    def _apply(self, events: Sequence[Event]) -> list[Message]:
         if self._reload_pending:
             self._reload()
         replayed = [
@@ -309,6 +338,68 @@ class Shard:
                 self.log_tag.error("shard.reload.failed", error=repr(error), next="retrying before the next batch")
             raise
         return replayed + replies
+
+    # ----------------------------------------------------------- breaker
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _pause(self, error: BaseException) -> None:
+        tier = getattr(error, "tier", None)
+        if not self._paused:
+            self.log_tag.error(
+                "shard.breaker.opened",
+                tier=tier,
+                error=repr(error),
+                watermark=self.state.watermark,
+                next="serving degraded reads; applying from the log once the tier answers",
+            )
+        self._paused = True
+        self._pause_reason = f"{tier or 'a tier or the log'} failed: {error}"
+        if self._resumer is None or not self._resumer.is_alive():
+            self._resumer = threading.Thread(target=self._resume_loop, name=f"shard-{self.shard}-resume", daemon=True)
+            self._resumer.start()
+
+    def _try_resume(self) -> bool:
+        """Recover from the tiers and the log; return whether the breaker closed."""
+        try:
+            report = self._recover(None)
+        except Exception as error:  # noqa: BLE001 - still down; the loop retries with backoff
+            self.log_tag.info("shard.breaker.still_open", error=repr(error), next="retrying later")
+            return False
+        self._paused = False
+        self._pause_reason = None
+        self.log_tag.warning("shard.breaker.closed", replayed=report.replayed, rebuilt=report.rebuilt, watermark=report.watermark)
+        return True
+
+    def _resume_loop(self) -> None:
+        delay = self.resume_initial_s
+        while not self._closed.wait(delay):
+            with self._lock:
+                if not self._paused or self._try_resume():
+                    return
+            delay = min(delay * 2, self.resume_max_s)
+
+    def _degraded_replies(self, events: Sequence[Event]) -> list[Message]:
+        """Answer what a paused shard can: reads from reachable state, flagged degraded."""
+        replies: list[Message] = []
+        for event in events:
+            if isinstance(event, Get):
+                try:
+                    reply = self.state.peek(event.namespace, event.key, event.seq or 0, event.ts)
+                except Exception:  # noqa: BLE001 - the record's tier is the one that is down
+                    reply = NotFound(seq=event.seq or 0, key=event.key)
+                replies.append(msgspec.structs.replace(reply, id=event.id, degraded=True))
+            elif answered_by_shard(event):
+                replies.append(
+                    Error(
+                        id=event.id,
+                        code=ErrorCode.UNAVAILABLE,
+                        message=f"shard {self.shard} is paused ({self._pause_reason}); the write is logged and will be decided when it resumes: resend with the same id",
+                    )
+                )
+        return replies
 
     def _reload(self) -> None:
         """Finish a pending redo, then load the state from the committed tiers."""
@@ -356,6 +447,10 @@ class Shard:
 
     def digests(self) -> list[TierDigest]:
         """Return the canonical digest of every tier, the cache included."""
+        with self._lock:
+            return self._digests()
+
+    def _digests(self) -> list[TierDigest]:
         result = []
         # The cache's order is part of its state (it decides evictions), so
         # its digest covers the keys in LRU order with their touch numbers.
@@ -372,6 +467,10 @@ class Shard:
         return self.state.watermark
 
     def close(self) -> None:
-        """Close every tier's connections and files."""
+        """Stop the breaker's retries; close every tier's connections and files."""
+        self._closed.set()
         for tier in self.tiers.values():
-            tier.close()
+            try:
+                tier.close()
+            except Exception as error:  # noqa: BLE001 - closing a tier that is down must not stop the others
+                self.log_tag.warning("shard.close.failed", tier=tier.name, error=repr(error), next="closing the other tiers")
