@@ -22,7 +22,7 @@ from events.types import Event, Message
 from handlers.actor import ShardSettings, ShardStatusInfo, decode_replies
 from handlers.shard import Shard
 
-__all__ = ["Completion", "Dispatcher", "LocalDispatcher", "RayDispatcher", "Waker"]
+__all__ = ["Completion", "Dispatcher", "LocalDispatcher", "RayDispatcher", "Waker", "placement_resources"]
 
 log = structlog.get_logger("tiermem.dispatch")
 
@@ -66,7 +66,7 @@ class Waker:
 
 
 class Dispatcher(Protocol):
-    """What the router needs from whatever hosts the shards."""
+    """The interface the router uses to reach the shards, wherever they run."""
 
     shards: int
 
@@ -116,6 +116,41 @@ class _Base:
             return self._inflight
 
 
+def placement_resources(names: Sequence[str] | None, shards: int) -> list[str | None]:
+    """Return the Ray custom resource that each shard's actor requires.
+
+    `names` is None (every entry is None: any node), one name for every
+    shard, or one name per shard. Raises ValueError for any other length or
+    an empty name.
+    """
+    if names is None:
+        return [None] * shards
+    if len(names) not in (1, shards):
+        raise ValueError(
+            f"shard_resources has {len(names)} names for {shards} shards: "
+            "give one name for every shard, or one name per shard"
+        )
+    for position, name in enumerate(names):
+        if not name:
+            raise ValueError(f"shard_resources has an empty name at position {position}: use a Ray resource name")
+    return list(names) * shards if len(names) == 1 else list(names)
+
+
+def _warn_unoffered(resources: Sequence[str | None]) -> None:
+    """Log each placement resource that no live node of the Ray cluster offers."""
+    import ray
+
+    offered = ray.cluster_resources()
+    for name in sorted({resource for resource in resources if resource is not None}):
+        if name not in offered:
+            log.warning(
+                "dispatch.resource.unoffered",
+                resource=name,
+                shards=[shard for shard, resource in enumerate(resources) if resource == name],
+                next="these shard actors wait until a node that offers the resource joins the cluster",
+            )
+
+
 class RayDispatcher(_Base):
     """Batches to `ShardHost` Ray actors, one call per shard per batch.
 
@@ -123,13 +158,32 @@ class RayDispatcher(_Base):
     a shard sees its events in sequence order. A call that fails because the
     actor died is sent again to the restarted actor; what that actor already
     replayed from the log is skipped by its watermark.
+
+    `shard_resources` (see `placement_resources`) makes each actor require a
+    Ray custom resource and spreads the actors over the nodes that offer it.
+    Ray applies the same requirement when it restarts an actor, so a shard
+    whose node is lost moves to another node only if that node offers the
+    shard's resource too. Without it, Ray places the actors by its default
+    strategy.
     """
 
-    def __init__(self, settings: Sequence[ShardSettings], waker: Waker, *, num_cpus: float = 0.0) -> None:
+    def __init__(
+        self,
+        settings: Sequence[ShardSettings],
+        waker: Waker,
+        *,
+        num_cpus: float = 0.0,
+        shard_resources: Sequence[str] | None = None,
+    ) -> None:
         from handlers.actor import spawn_shard_actor
 
         super().__init__(len(settings), waker)
-        self.actors = [spawn_shard_actor(item, num_cpus=num_cpus) for item in settings]
+        resources = placement_resources(shard_resources, len(settings))
+        _warn_unoffered(resources)
+        self.actors = [
+            spawn_shard_actor(item, num_cpus=num_cpus, node_resource=resource, spread=resource is not None)
+            for item, resource in zip(settings, resources, strict=True)
+        ]
         self.max_attempts = 20
 
     def wait_ready(self, timeout: float) -> list[ShardStatusInfo]:

@@ -27,7 +27,7 @@ log = structlog.get_logger("tiermem.log")
 
 
 class LoggedId(msgspec.Struct, frozen=True, array_like=True):
-    """Where an event id was logged, and a hash of the body logged under it."""
+    """The log position of an event id, and a hash of the body logged under it."""
 
     seq: int
     body_hash: int

@@ -170,7 +170,7 @@ class Rebuild(Message, frozen=True, kw_only=True, tag="Rebuild"):
 
 
 class ShardRebuild(msgspec.Struct, frozen=True, kw_only=True):
-    """What one shard's rebuild did."""
+    """The outcome of one shard's rebuild."""
 
     shard: int
     snapshot_seq: int | None
@@ -269,7 +269,7 @@ class Error(Message, frozen=True, kw_only=True, tag="Error"):
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """One shard as the router sees it."""
+    """One shard as reported to the router."""
 
     shard: int
     watermark: int

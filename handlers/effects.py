@@ -49,7 +49,7 @@ class Effect(msgspec.Struct, frozen=True, array_like=True):
 
 
 class EffectLog(Protocol):
-    """Where shards write their effects."""
+    """The store that shards write their effects to."""
 
     def append(self, shard: int, effects: Sequence[Effect]) -> None:
         """Write effects in (seq, position) order, skipping those already written."""
