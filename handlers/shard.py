@@ -47,7 +47,7 @@ _POLICY = "policy"
 
 
 def answered_by_shard(event: Event) -> bool:
-    """Whether the reply to `event` comes from the shard, after it is applied."""
+    """Return whether the reply to `event` comes from the shard, after it is applied."""
     if isinstance(event, Get):
         return True
     return isinstance(event, (Store, Forget)) and event.expected_version is not None
@@ -114,6 +114,7 @@ class Shard:
         self._lock = threading.RLock()
         self._paused = False
         self._pause_reason: str | None = None
+        self._failed_resumes = 0
         self._resumer: threading.Thread | None = None
         self._closed = threading.Event()
         self.resume_initial_s = 0.25
@@ -366,8 +367,13 @@ class Shard:
         try:
             report = self._recover(None)
         except Exception as error:  # noqa: BLE001 - still down; the loop retries with backoff
-            self.log_tag.info("shard.breaker.still_open", error=repr(error), next="retrying later")
+            self._failed_resumes += 1
+            # Logged on the first failure and then every tenth, so a long
+            # outage leaves a line a minute or so rather than one per retry.
+            if self._failed_resumes % 10 == 1:
+                self.log_tag.info("shard.breaker.still_open", error=repr(error), attempts=self._failed_resumes, next="retrying later")
             return False
+        self._failed_resumes = 0
         self._paused = False
         self._pause_reason = None
         self.log_tag.warning("shard.breaker.closed", replayed=report.replayed, rebuilt=report.rebuilt, watermark=report.watermark)
@@ -382,7 +388,7 @@ class Shard:
             delay = min(delay * 2, self.resume_max_s)
 
     def _degraded_replies(self, events: Sequence[Event]) -> list[Message]:
-        """Answer what a paused shard can: reads from reachable state, flagged degraded."""
+        """Build the replies a paused shard can give: reads from reachable state, flagged degraded."""
         replies: list[Message] = []
         for event in events:
             if isinstance(event, Get):
@@ -408,7 +414,7 @@ class Shard:
         self._reload_pending = False
 
     def _replayed_reply(self, event: Event) -> Message:
-        """Answer a resent event that this shard has already applied."""
+        """Build the reply to a resent event that this shard has already applied."""
         seq = event.seq or 0
         if isinstance(event, Get):
             reply = self.state.peek(event.namespace, event.key, seq, event.ts)

@@ -142,11 +142,23 @@ def make_tiers(shard: int = 0) -> dict[str, MemoryTier]:
     return {name: MemoryTier(name, shard) for name in TIER_NAMES}
 
 
+STARTED: list[Shard] = []
+
+
+@pytest.fixture(autouse=True)
+def close_started_shards():
+    """Stop the breaker retries of shards left paused by a test."""
+    yield
+    while STARTED:
+        STARTED.pop()._closed.set()
+
+
 def start(
     tiers, policy: Policy = POLICY, event_log=None, shard: int = 0, shards: int = 1
 ) -> Shard:
     """Build a shard on `tiers` and recover it, as its actor does on start."""
     built = Shard(shard, shards, tiers, policy, event_log)
+    STARTED.append(built)
     built.recover()
     return built
 
