@@ -24,6 +24,7 @@ from pathlib import Path
 import hashlib
 import threading
 import time
+import weakref
 
 import msgspec
 import structlog
@@ -44,6 +45,22 @@ log = structlog.get_logger("tiermem.shard")
 
 _REDO = "redo"
 _POLICY = "policy"
+
+
+def _resume_loop(reference: weakref.ref[Shard], closed: threading.Event) -> None:
+    """Retry a paused shard's recovery with backoff until it resumes, closes or is dropped."""
+    shard = reference()
+    delay = shard.resume_initial_s if shard is not None else 0.0
+    del shard
+    while not closed.wait(delay):
+        shard = reference()
+        if shard is None:
+            return
+        with shard._lock:
+            if not shard._paused or shard._try_resume():
+                return
+        delay = min(delay * 2, shard.resume_max_s)
+        del shard
 
 
 def answered_by_shard(event: Event) -> bool:
@@ -276,7 +293,7 @@ class Shard:
         for batch in self.log.iter_from(self.state.watermark):
             mine = [event for event in batch if self.owns(event)]
             if mine:
-                self.apply(mine)
+                self._apply(mine)
                 applied += len(mine)
         return applied
 
@@ -359,7 +376,11 @@ class Shard:
         self._paused = True
         self._pause_reason = f"{tier or 'a tier or the log'} failed: {error}"
         if self._resumer is None or not self._resumer.is_alive():
-            self._resumer = threading.Thread(target=self._resume_loop, name=f"shard-{self.shard}-resume", daemon=True)
+            # The thread holds only a weak reference, so a shard that is
+            # dropped without close() does not keep retrying forever.
+            self._resumer = threading.Thread(
+                target=_resume_loop, args=(weakref.ref(self), self._closed), name=f"shard-{self.shard}-resume", daemon=True
+            )
             self._resumer.start()
 
     def _try_resume(self) -> bool:
@@ -378,14 +399,6 @@ class Shard:
         self._pause_reason = None
         self.log_tag.warning("shard.breaker.closed", replayed=report.replayed, rebuilt=report.rebuilt, watermark=report.watermark)
         return True
-
-    def _resume_loop(self) -> None:
-        delay = self.resume_initial_s
-        while not self._closed.wait(delay):
-            with self._lock:
-                if not self._paused or self._try_resume():
-                    return
-            delay = min(delay * 2, self.resume_max_s)
 
     def _degraded_replies(self, events: Sequence[Event]) -> list[Message]:
         """Build the replies a paused shard can give: reads from reachable state, flagged degraded."""
