@@ -94,7 +94,7 @@ def check_log_config(client: redis.Redis, *, allow_everysec: bool = False) -> No
         raise LogConfigError(
             "appendfsync", fsync, " or ".join(allowed),
             "start redis-server with --appendfsync always; everysec is accepted "
-            "only with log.allow_everysec = true, and can lose one second of "
+            "only with allow_everysec = true in the stack settings, and can lose one second of "
             "acknowledged events on a crash of the host",
         )  # fmt: skip
     if setting("maxmemory-policy") != "noeviction":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from tiermem.servers import ServerError, free_port, wait_until
+from tiermem.servers import ServerError, free_ports, wait_until
 
 __all__ = ["RayHead"]
 
@@ -40,8 +40,10 @@ class RayHead:
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self.dashboard = dashboard
         self.object_store_bytes = object_store_bytes
-        self.port = free_port()
-        self.dashboard_port = free_port()
+        # Ray needs eight distinct ports; they are chosen together so that no
+        # two can coincide (Ray refuses to start when two of them do).
+        self._ports = free_ports(8)
+        self.port, self.dashboard_port = self._ports[0], self._ports[1]
         self.temp_dir = tempfile.mkdtemp(prefix="tmray-", dir="/tmp")
         self.log_path = log_path or Path(self.temp_dir) / "ray-start.log"
         self.resources = resources
@@ -55,14 +57,15 @@ class RayHead:
         ray = str(Path(sys.executable).with_name("ray"))
         if not Path(ray).exists():
             ray = shutil.which("ray") or "ray"
-        ports = {
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--metrics-export-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-        }
+        names = (
+            "--node-manager-port",
+            "--object-manager-port",
+            "--metrics-export-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+        )
+        ports = dict(zip(names, self._ports[2:], strict=True))
         command = [
             ray, "start", "--head", "--block",
             "--port", str(self.port),

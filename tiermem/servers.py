@@ -20,7 +20,7 @@ import structlog
 
 from events.errors import TiermemError
 
-__all__ = ["RedisServer", "ServerError", "find_redis_server", "free_port", "wait_until"]
+__all__ = ["RedisServer", "ServerError", "find_redis_server", "free_port", "free_ports", "wait_until"]
 
 log = structlog.get_logger("tiermem.servers")
 
@@ -36,6 +36,25 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return `count` distinct ports that were free on `host` a moment ago.
+
+    All the probe sockets stay open until every port is chosen, so the
+    system cannot hand the same port out twice, as separate `free_port`
+    calls can.
+    """
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.bind((host, 0))
+            probes.append(probe)
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def wait_until(condition, *, timeout: float, interval: float = 0.02, what: str) -> None:
