@@ -138,10 +138,13 @@ def placement_resources(names: Sequence[str] | None, shards: int) -> list[str | 
 
 def _warn_unoffered(resources: Sequence[str | None]) -> None:
     """Log each placement resource that no live node of the Ray cluster offers."""
+    names = sorted({resource for resource in resources if resource is not None})
+    if not names:
+        return
     import ray
 
     offered = ray.cluster_resources()
-    for name in sorted({resource for resource in resources if resource is not None}):
+    for name in names:
         if name not in offered:
             log.warning(
                 "dispatch.resource.unoffered",

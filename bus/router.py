@@ -26,6 +26,7 @@ import zmq
 
 from bus.auth import LANE_DOMAIN, PUB_DOMAIN, AuthSettings, Gatekeeper
 from bus.dispatch import Completion, Dispatcher, Waker
+from bus.metrics import RESYNC_LANE, MetricsEndpoint, RouterMetrics, RouterState
 from events.codec import JSON, MSGPACK, decode_request, detect_codec, encode_event, encode_reply
 from events.errors import ErrorCode, ProtocolError
 from events.limits import Limits
@@ -72,6 +73,9 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     flight; the send high-water mark is sized above it, so a reply is never
     dropped by ZeroMQ for lack of room (a ROUTER drops silently past its
     send mark unless ROUTER_MANDATORY is set, and then the send fails).
+
+    `metrics_port` is the TCP port of the Prometheus endpoint on
+    `metrics_host`: None serves no endpoint, 0 takes a free port.
     """
 
     host: str = "127.0.0.1"
@@ -91,6 +95,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     auth: AuthSettings = AuthSettings()
     search_threads: int = 4
     max_pending_searches: int = 256
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     @property
     def send_hwm(self) -> int:
@@ -101,7 +107,7 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Pending(msgspec.Struct):
-    """Where to send the reply to one request."""
+    """The return address of one request: lane, peer identity, envelope and codec."""
 
     lane: str
     identity: bytes
@@ -130,6 +136,7 @@ class Router:
         *,
         search: Callable[[Search], Message] | None = None,
         context: zmq.Context | None = None,
+        projection_checkpoint: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.search = search
@@ -153,6 +160,12 @@ class Router:
         self.endpoints: dict[str, str] = {}
         self.log_tag = structlog.get_logger("tiermem.router")
         self.gatekeeper = Gatekeeper(settings.auth, self.context) if settings.auth.enabled else None
+        # `projection_checkpoint` returns the search projection's checkpoint
+        # for the projection lag metric. The scrape thread calls it.
+        self.metrics = RouterMetrics(
+            LANES, dispatcher.shards, self.seq, self._metrics_state, projection_checkpoint=projection_checkpoint
+        )
+        self.metrics_endpoint: MetricsEndpoint | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -187,8 +200,28 @@ class Router:
         pub.setsockopt(zmq.LINGER, 0)
         self.endpoints["pub"] = self._bind(pub, settings.ports["pub"])
         self.pub = pub
+        if settings.metrics_port is not None:
+            self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, settings.metrics_host, settings.metrics_port)
+            self.log_tag.info("router.metrics.started", url=self.metrics_endpoint.url)
         self.log_tag.info("router.bound", last_seq=self.seq, **self.endpoints)
         return dict(self.endpoints)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """The URL of the Prometheus endpoint, or None when it is off or not started."""
+        return self.metrics_endpoint.url if self.metrics_endpoint is not None else None
+
+    def _metrics_state(self) -> RouterState:
+        # Called from the scrape thread: only ints and dict lengths, which the
+        # router thread replaces atomically.
+        return RouterState(
+            last_seq=self.seq,
+            inflight_batches=self.dispatcher.inflight(),
+            pending_gets=len(self._gets),
+            pending_searches=len(self._searches),
+            pending_admin=len(self._admin),
+            resend_queue=len(self._resend),
+        )
 
     def _bind(self, sock: zmq.Socket, port: int) -> str:
         if port == 0:
@@ -212,6 +245,10 @@ class Router:
         self.sockets = {}
         self.pub = None
         self._search_pool.shutdown(wait=False, cancel_futures=True)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+            self.metrics_endpoint = None
+            self.log_tag.info("router.metrics.stopped")
 
     def serve_forever(self) -> None:
         """Run the loop until `stop()`; then wait briefly for shards to finish."""
@@ -231,6 +268,7 @@ class Router:
                     self._drain_lanes()
             except Exception:  # noqa: BLE001 - one bad batch must not stop the router
                 self._count("loop.failed")
+                self.metrics.loop_failures.inc()
                 self.log_tag.exception("router.loop.failed", last_seq=self.seq, next="serving the next batch")
         deadline = time.monotonic() + 10
         while self.dispatcher.inflight() and time.monotonic() < deadline:
@@ -264,6 +302,7 @@ class Router:
     def _receive(self, lane: str, limit: int, out: list, *, busy: bool) -> int:
         sock = self.sockets[lane]
         taken = 0
+        answered_busy = 0
         secured = self.gatekeeper is not None
         while taken < limit:
             user_id = None
@@ -277,13 +316,12 @@ class Router:
             except zmq.Again:
                 break
             taken += 1
-            self._count(f"received.{lane}")
             parsed = self._parse(lane, frames)
             if parsed is None:
                 continue
             pending, payload = parsed
             if busy:
-                self._count(f"busy.{lane}")
+                answered_busy += 1
                 self._reply(pending, Busy(id=_peek_id(payload), lane=lane, retry_after_ms=self.settings.busy_retry_ms))
                 continue
             try:
@@ -301,6 +339,13 @@ class Router:
                 message = msgspec.structs.replace(message, id=uuid.uuid4().hex)
             pending.request_id = message.id or ""
             out.append((pending, message))
+        # Counted once per lane per loop, not per message. A loop that raises
+        # before this line loses its counts, and counts as a loop failure.
+        if taken:
+            self._count(f"received.{lane}", taken)
+        if answered_busy:
+            self._count(f"busy.{lane}", answered_busy)
+        self.metrics.lane_taken(lane, taken, answered_busy)
         return taken
 
     def _parse(self, lane: str, frames: list[bytes]) -> tuple[_Pending, bytes] | None:
@@ -408,16 +453,19 @@ class Router:
 
         encoded: list[bytes] = []
         if new:
+            started = time.perf_counter()
             try:
                 # An EventLog that does not return the encodings gets them encoded here.
                 encoded = self.log.append(new, hashes) or [encode_event(event) for event in new]
             except Exception as error:  # noqa: BLE001 - every client gets an answer
+                self.metrics.append_failures.inc()
                 self._append_failed(new, new_pending, error)
                 new, new_pending = [], []
             else:
                 self.seq = seq
                 self.last_ts = now
                 self._count("appended", len(new))
+                self.metrics.appended(new, [item.lane for item in new_pending], time.perf_counter() - started)
         self._publish(new, encoded)
         self._ack_and_dispatch(new, new_pending, duplicates, now, encoded)
 
@@ -460,6 +508,7 @@ class Router:
                 indexer(logged, [_body_hash(event) for event in logged])
             self.seq = last
             self.last_ts = max(self.last_ts, logged[-1].ts or 0) if logged else self.last_ts
+            self.metrics.appended(logged, [RESYNC_LANE] * len(logged), None)
             self._publish(logged, [encode_event(event) for event in logged])
             self._ack_and_dispatch(logged, [None] * len(logged), [], self.last_ts, None)
 
@@ -508,6 +557,8 @@ class Router:
                 gets.setdefault(targets[0], []).append((event.id or "", pending))
             else:
                 self._reply(pending, Ack(id=event.id, seq=event.seq or 0))
+        if duplicates:
+            self.metrics.duplicates.inc(len(duplicates))
         for pending, event, original_seq in duplicates:
             self._count("duplicates")
             if isinstance(event, Search):
@@ -533,6 +584,7 @@ class Router:
                 self._batch_gets[token] = [request_id for request_id, _ in waiting]
                 for request_id, pending in waiting:
                     self._gets.setdefault((token, request_id), []).append(pending)
+            self.metrics.batch_submitted(shard, token, batch[-1].seq or 0)
             self.dispatcher.submit(shard, token, batch, raw)
 
     # ----------------------------------------------------------- search
@@ -543,6 +595,7 @@ class Router:
             return
         if len(self._searches) >= self.settings.max_pending_searches:
             self._count("busy.search")
+            self.metrics.busy.labels(lane=pending.lane, reason="search").inc()
             self._reply(pending, Busy(id=event.id, lane=pending.lane, retry_after_ms=self.settings.busy_retry_ms))
             return
         future = self._search_pool.submit(self.search, event)
@@ -571,6 +624,7 @@ class Router:
             self._finish_batch(completion)
 
     def _finish_batch(self, completion: Completion) -> None:
+        self.metrics.batch_completed(completion.token, completion.replies, failed=completion.error is not None)
         waiting = self._batch_gets.pop(completion.token, [])
         if completion.error is not None:
             for request_id in waiting:
@@ -585,7 +639,7 @@ class Router:
                 self._reply(pending, reply)
 
     def _read_log(self, pending: _Pending, request: ReadLog) -> None:
-        """Answer a subscriber filling a gap: events from `from_seq`, in order."""
+        """Reply to a subscriber filling a gap with the events from `from_seq`, in order."""
         try:
             events = self.log.read(request.from_seq - 1, request.limit)
         except Exception as error:  # noqa: BLE001 - the client gets an Error, the router goes on
@@ -635,16 +689,20 @@ class Router:
                     continue
                 _, digests = _digests_type.decode(payload)
                 tiers.extend(digests)
+            self.metrics.digests(tiers)
             self._reply(call.pending, DigestReply(id=request_id, seq=call.seq, tiers=tiers))
         else:
             infos = [_status_type.decode(payload) for payload in call.results]
             shards = [ShardStatus(shard=i.shard, watermark=i.watermark, pid=i.pid, node=i.node, keys=i.keys) for i in infos]
+            self.metrics.shard_status(shards)
             lanes = {lane: self.counters.get(f"received.{lane}", 0) for lane in LANES}
             self._reply(call.pending, StatusReply(id=request_id, last_seq=self.seq, shards=shards, lanes=lanes))
 
     # ----------------------------------------------------------- sending
 
     def _reply(self, pending: _Pending, reply: Message) -> None:
+        if type(reply) is Error:
+            self.metrics.errors.labels(code=reply.code).inc()
         frames = [pending.identity]
         if pending.delimited:
             frames.append(b"")
@@ -661,11 +719,15 @@ class Router:
             # The client's pipe is full: keep the reply and try again soon.
             if len(self._resend) == self._resend.maxlen:
                 self._count("reply.dropped")
+                self.metrics.dropped.labels(lane=lane).inc()
                 self.log_tag.error("router.reply.dropped", lane=lane, reason="resend queue full")
+            else:
+                self.metrics.deferred.labels(lane=lane).inc()
             self._resend.append((lane, frames))
         except zmq.ZMQError as error:
             if error.errno == errno.EHOSTUNREACH:
                 self._count("reply.unroutable")
+                self.metrics.unroutable.labels(lane=lane).inc()
                 self.log_tag.info("router.reply.unroutable", lane=lane, reason="client disconnected")
             else:
                 raise

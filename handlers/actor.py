@@ -129,7 +129,13 @@ def decode_replies(payload: bytes) -> list[Message]:
     return _replies_decoder.decode(payload)
 
 
-def spawn_shard_actor(settings: ShardSettings, *, num_cpus: float = 0.0, node_resource: str | None = None):
+def spawn_shard_actor(
+    settings: ShardSettings,
+    *,
+    num_cpus: float = 0.0,
+    node_resource: str | None = None,
+    spread: bool = False,
+):
     """Start a `ShardHost` Ray actor that Ray restarts whenever its process dies.
 
     `num_cpus=0` by default: shards mostly wait on Redis and SQLite, and a
@@ -137,6 +143,12 @@ def spawn_shard_actor(settings: ShardSettings, *, num_cpus: float = 0.0, node_re
     were running when the process died fail instead of being retried by Ray;
     the dispatcher resends them, and the watermark makes that a no-op for
     what the restarted actor already replayed from the log.
+
+    `node_resource` names a Ray custom resource that the actor requires
+    (0.001 of it), so Ray starts and restarts it only on nodes that offer
+    it, and an actor whose resource no live node offers waits unscheduled.
+    `spread` uses Ray's SPREAD strategy, which places actors on different
+    nodes where it can.
     """
     import ray
 
@@ -148,5 +160,7 @@ def spawn_shard_actor(settings: ShardSettings, *, num_cpus: float = 0.0, node_re
     }
     if node_resource:
         options["resources"] = {node_resource: 0.001}
+    if spread:
+        options["scheduling_strategy"] = "SPREAD"
     remote_class = ray.remote(ShardHost)
     return remote_class.options(**options).remote(msgspec.msgpack.encode(settings))

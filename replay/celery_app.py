@@ -223,7 +223,8 @@ def create_app(config: StackConfig | None = None) -> Celery:
     The configuration is built when Celery first needs it, so importing
     this module does not require the variable to be set.
     """
-    app = Celery("tiermem", include=importable_task_modules(), set_as_current=config is None)
+    # replay.metrics connects the worker's signal handlers (its metrics endpoint).
+    app = Celery("tiermem", include=[*importable_task_modules(), "replay.metrics"], set_as_current=config is None)
     if config is None:
         app.add_defaults(settings_from_environment)
     else:

@@ -47,14 +47,20 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise _Shutdown(signal.Signals(signum).name)
 
 
+def _command_line_settings(args: argparse.Namespace) -> dict[str, object]:
+    """Return the settings given as options; an option left out leaves the setting to the file and environment."""
+    given = {"data_dir": args.data_dir, "shards": args.shards}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    from tiermem.config import StackConfig
+    from tiermem.settings import load_config
     from tiermem.stack import Stack
 
     import structlog
 
     log = structlog.get_logger("tiermem.up")
-    config = StackConfig(data_dir=args.data_dir, shards=args.shards)
+    config = load_config(args.config, overrides=_command_line_settings(args))
     stack = Stack(config, dashboard=args.dashboard)
     signal.signal(signal.SIGTERM, _raise_shutdown)
     signal.signal(signal.SIGINT, _raise_shutdown)
@@ -83,12 +89,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tiermem.demo import print_result, run_demo
+    from tiermem.settings import load_config
 
+    settings = load_config(args.config, overrides=_command_line_settings(args))
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     result = run_demo(
         limit=args.limit,
-        data_dir=Path(args.data_dir),
-        shards=args.shards,
+        data_dir=Path(settings.data_dir),
+        shards=settings.shards,
+        settings=settings,
         show_progress=not args.no_progress,
         say=say,
     )
@@ -161,15 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the embedded stack in the foreground until Ctrl-C")
-    up.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where Redis, LTM and logs live (default: %(default)s)")
-    up.add_argument("--shards", type=int, default=2, help="number of shard actors (default: %(default)s)")
+    up.add_argument("--config", metavar="FILE", help="TOML file of settings; TIERMEM_* variables and the options below override it (see docs/configuration.md)")
+    up.add_argument("--data-dir", help=f"where Redis, LTM and logs live (default: the data_dir setting, {DEFAULT_DATA_DIR})")
+    up.add_argument("--shards", type=int, help="number of shard actors (default: the shards setting, 2)")
     up.add_argument("--dashboard", action="store_true", help="start the Ray dashboard on 127.0.0.1")
     up.set_defaults(handler=cmd_up)
 
     demo = commands.add_parser("demo", help="stream the chitchat corpus through the stack, crash it, recover, verify")
     demo.add_argument("--limit", type=int, default=None, help="number of utterances to store (default: all 258,145)")
+    demo.add_argument("--config", metavar="FILE", help="TOML file of settings for the demo's stack (see docs/configuration.md); the demo still uses its own data directory, random ports and maintenance interval")
     demo.add_argument("--data-dir", default=os.path.join(DEFAULT_DATA_DIR, "demo"), help="an empty or earlier demo directory (default: %(default)s)")
-    demo.add_argument("--shards", type=int, default=2, help="number of shard actors (default: %(default)s)")
+    demo.add_argument("--shards", type=int, help="number of shard actors (default: the shards setting, 2)")
     demo.add_argument("--json", action="store_true", help="end standard output with one JSON object of the results")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(handler=cmd_demo)
@@ -195,12 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--name", default="server", help="file name stem (default: %(default)s)")
     keygen.set_defaults(handler=cmd_keygen)
 
+    from tiermem.commands.config import add_config_parser
+    from tiermem.commands.doctor import add_doctor_parser
     from tiermem.commands.projections import add_projection_parsers
     from tiermem.commands.replay import add_replay_parser, add_snapshot_parser
 
     add_projection_parsers(commands)
     add_replay_parser(commands)
     add_snapshot_parser(commands)
+
+    from tiermem.commands.backup import add_backup_parser
+
+    add_backup_parser(commands)
+    add_config_parser(commands)
+    add_doctor_parser(commands)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of every request and reply")
     schema.set_defaults(handler=cmd_schema)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import msgspec
 
+from bus.dispatch import placement_resources
 from bus.router import RouterSettings
 from handlers.policy import Policy
 
@@ -24,6 +25,12 @@ class StackConfig(msgspec.Struct, kw_only=True):
     router: RouterSettings = RouterSettings()
     policy: Policy = Policy()
     ray_address: str | None = None
+    # Ray custom resources that place the shard actors: one name for every
+    # shard, or one name per shard. Each actor requires 0.001 of its name,
+    # on first start and on every restart, so a shard can only move to a
+    # node that offers it. The actors spread over the nodes that do. None
+    # places the actors wherever Ray's default strategy puts them.
+    shard_resources: list[str] | None = None
     log_url: str | None = None
     stm_url: str | None = None
     im_url: str | None = None
@@ -55,6 +62,8 @@ class StackConfig(msgspec.Struct, kw_only=True):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.maintain_interval_s > 0:
             raise ValueError(f"maintain_interval_s must be positive, got {self.maintain_interval_s}")
+        if self.shard_resources is not None:
+            placement_resources(self.shard_resources, self.shards)
         if self.celery_concurrency < 1:
             raise ValueError(f"celery_concurrency must be at least 1, got {self.celery_concurrency}")
         if self.broker_visibility_timeout_s < 1:

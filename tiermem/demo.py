@@ -125,6 +125,7 @@ def run_demo(
     limit: int | None,
     data_dir: Path,
     shards: int = 2,
+    settings: StackConfig | None = None,
     sample_size: int = 2000,
     maintenance_cycles: int = 3,
     show_progress: bool = True,
@@ -135,7 +136,11 @@ def run_demo(
     # The demo runs its own maintenance passes, so beat's schedule is set
     # beyond the demo's length; digests are still checked against the log
     # if another event arrives.
-    config = StackConfig(data_dir=str(data_dir), shards=shards, maintain_interval_s=3600.0)
+    # `settings` (from --config and the environment) is the base, and the
+    # demo replaces the data directory, shard count and ports.
+    config = msgspec.structs.replace(
+        settings or StackConfig(), data_dir=str(data_dir), shards=shards, maintain_interval_s=3600.0
+    )
     config.router = msgspec.structs.replace(config.router, ports={"high": 0, "normal": 0, "low": 0, "pub": 0})
     stack = Stack(config)
     say(f"starting the embedded stack in {data_dir} (4 Redis servers, Ray, the router with {shards} shards, a Celery worker and beat)")

@@ -82,12 +82,21 @@ def run_router(config: StackConfig, endpoints_path: Path | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address=config.ray_address, namespace="tiermem", log_to_driver=False, logging_level="WARNING")
     waker = Waker()
-    dispatcher = RayDispatcher(shard_settings(config), waker)
+    dispatcher = RayDispatcher(shard_settings(config), waker, shard_resources=config.shard_resources)
     statuses = dispatcher.wait_ready(timeout=600)
     for status in statuses:
         log.info("shard.ready", shard=status.shard, watermark=status.watermark, pid=status.pid, recovery=status.recovery and status.recovery.replayed)
 
-    router = Router(config.router, event_log, dispatcher, waker, search=search_service(Path(config.projections_db)))
+    from replay.metrics import projection_checkpoint_reader
+
+    router = Router(
+        config.router,
+        event_log,
+        dispatcher,
+        waker,
+        search=search_service(Path(config.projections_db)),
+        projection_checkpoint=projection_checkpoint_reader(config.projections_db),
+    )
     endpoints = router.bind()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -98,6 +107,8 @@ def run_router(config: StackConfig, endpoints_path: Path | None) -> None:
     signal.signal(signal.SIGINT, request_stop)
     if endpoints_path is not None:
         record = dict(endpoints, router_pid=os.getpid())
+        if router.metrics_url:
+            record["metrics"] = router.metrics_url
         tmp = endpoints_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(endpoints_path)

@@ -52,6 +52,7 @@ class Stack:
         self.worker: subprocess.Popen[bytes] | None = None
         self.worker_name: str | None = None
         self.beat: subprocess.Popen[bytes] | None = None
+        self.worker_metrics_port: int | None = None
         self.endpoints: dict[str, str] = {}
         self._control_app: Any = None
 
@@ -98,7 +99,14 @@ class Stack:
         for lane, port in ports.items():
             if port == 0:
                 ports[lane] = free_port(self.config.router.host)
-        self.config.router = msgspec.structs.replace(self.config.router, ports=ports)
+        # The embedded stack always serves metrics; unset means a free port,
+        # announced in endpoints.json as "metrics".
+        metrics_port = self.config.router.metrics_port
+        if not metrics_port:
+            metrics_port = free_port(self.config.router.metrics_host)
+        self.config.router = msgspec.structs.replace(self.config.router, ports=ports, metrics_port=metrics_port)
+        if self.worker_metrics_port is None:
+            self.worker_metrics_port = free_port()
 
     # ----------------------------------------------------------- router
 
@@ -121,7 +129,7 @@ class Stack:
             wait_until(self._router_ready, timeout=timeout, interval=0.05, what="the router")
         except TimeoutError:
             raise ServerError(f"the router did not start within {timeout:.0f}s; see {logs / 'router.log'}") from None
-        self.endpoints = {lane: url for lane, url in json.loads(self.endpoints_path.read_text()).items() if lane != "router_pid"}
+        self.endpoints = {lane: url for lane, url in json.loads(self.endpoints_path.read_text()).items() if lane not in ("router_pid", "metrics")}
         log.info("stack.router.started", pid=self.router.pid, **self.endpoints)
         return self.endpoints
 
@@ -176,7 +184,27 @@ class Stack:
     def _celery_env(self) -> dict[str, str]:
         return dict(os.environ, TIERMEM_CONFIG=str(self.config_path), TIERMEM_LOG_JSON="1")
 
-    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _worker_env(self) -> dict[str, str]:
+        """The worker's environment: the beat's, plus its metrics endpoint.
+
+        prometheus-client reads PROMETHEUS_MULTIPROC_DIR at import, so the
+        prefork pool's processes can share their counters through files.
+        """
+        directory = self.data_dir / "metrics" / "worker"
+        directory.mkdir(parents=True, exist_ok=True)
+        return dict(
+            self._celery_env(),
+            PROMETHEUS_MULTIPROC_DIR=str(directory),
+            TIERMEM_WORKER_METRICS_PORT=str(self.worker_metrics_port or 0),
+        )
+
+    @property
+    def worker_metrics_url(self) -> str | None:
+        if self.worker_metrics_port is None:
+            return None
+        return f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
+
+    def _spawn(self, command: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / log_name, "ab") as output:
@@ -185,7 +213,7 @@ class Stack:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                env=self._celery_env(),
+                env=env or self._celery_env(),
                 start_new_session=True,
             )
 
@@ -217,7 +245,7 @@ class Stack:
             "--without-mingle",
             "--without-gossip",
         ]  # fmt: skip
-        self.worker = self._spawn(command, "celery-worker.log")
+        self.worker = self._spawn(command, "celery-worker.log", self._worker_env())
         try:
             wait_until(self._worker_ready, timeout=timeout, interval=0.05, what="the Celery worker")
         except TimeoutError:
