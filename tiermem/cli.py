@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tiermem.commands.backup import add_backup_parser
 
     add_backup_parser(commands)
+
+    from tiermem.commands.check import add_check_parser
+    from tiermem.commands.console import add_console_parser
+
+    add_check_parser(commands)
+    add_console_parser(commands)
     add_config_parser(commands)
     add_doctor_parser(commands)
 

@@ -29,8 +29,12 @@ def endpoints_from_url(url: str) -> dict[str, str]:
     """Return the lane endpoints of `tcp://HOST:PORT` (the high lane; the others follow)."""
     prefix, _, port = url.rpartition(":")
     if not prefix.startswith("tcp://") or not port.isdigit():
-        raise SystemExit(f"--endpoint {url!r} is invalid: expected tcp://HOST:PORT of the high lane")
-    return {lane: f"{prefix}:{int(port) + offset}" for offset, lane in enumerate(LANE_ORDER)}
+        raise SystemExit(
+            f"--endpoint {url!r} is invalid: expected tcp://HOST:PORT of the high lane"
+        )
+    return {
+        lane: f"{prefix}:{int(port) + offset}" for offset, lane in enumerate(LANE_ORDER)
+    }
 
 
 def add_check_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,20 +49,82 @@ def add_check_parser(subparsers: Any) -> argparse.ArgumentParser:
             "failing run's events as JSON lines."
         ),
     )
-    parser.add_argument("--target", choices=("inprocess", "stack", "endpoint"), default="inprocess", help="what to check (default: %(default)s)")
-    parser.add_argument("--profile", choices=("ci", "long"), default="ci", help="examples and steps per example, before --examples and --steps (default: %(default)s)")
-    parser.add_argument("--examples", type=int, default=None, help="number of generated examples (default: 300 for ci, 2000 for long)")
-    parser.add_argument("--steps", type=int, default=None, help="maximum steps per example (default: 40 for ci, 60 for long)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the run, printed on failure; the same seed repeats an in-process run (default: random)")
-    parser.add_argument("--shards", type=int, default=2, help="shards of the in-process target or of the stack the check starts (default: %(default)s)")
-    parser.add_argument("--endpoint", help="tcp://HOST:PORT of the router's high lane; normal, low and pub are the next ports")
-    parser.add_argument("--namespace", default="tiermem-check", help="prefix of every namespace and id the check uses (default: %(default)s)")
-    parser.add_argument("--faults", action="store_true", help="inprocess: also take tiers down for a step; stack: kill -9 and restart the router, shard actors, Redis and the Celery worker")
-    parser.add_argument("--data-dir", default=None, help="stack: data directory for the stack the check starts (default: a new temporary one); endpoint: directory of a running `tiermem up`; failing runs go to DIR/check (default: .tiermem/check)")
-    parser.add_argument("--log-url", default=None, help="redis:// URL of the log, read directly instead of over the bus")
-    parser.add_argument("--no-shrink", action="store_true", help="report the first failing example without shrinking it")
-    parser.add_argument("--replay", metavar="FILE", default=None, help="replay a failing run written by an earlier check into in-process shards and the model, and report")
-    parser.add_argument("--json", action="store_true", help="end standard output with one JSON object of the results")
+    parser.add_argument(
+        "--target",
+        choices=("inprocess", "stack", "endpoint"),
+        default="inprocess",
+        help="what to check (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=("ci", "long"),
+        default="ci",
+        help="examples and steps per example, before --examples and --steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="number of generated examples (default: 600 for ci, 2000 for long)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="maximum steps per example (default: 40 for ci, 60 for long)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the run, printed on failure; the same seed repeats an in-process run (default: random)",
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=2,
+        help="shards of the in-process target or of the stack the check starts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        help="tcp://HOST:PORT of the router's high lane; normal, low and pub are the next ports",
+    )
+    parser.add_argument(
+        "--namespace",
+        default="tiermem-check",
+        help="prefix of every namespace and id the check uses (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="inprocess: also take tiers down for a step; stack: kill -9 and restart the router, shard actors, Redis and the Celery worker",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="stack: data directory for the stack the check starts (default: a new temporary one); endpoint: directory of a running `tiermem up`; failing runs go to DIR/check (default: .tiermem/check)",
+    )
+    parser.add_argument(
+        "--log-url",
+        default=None,
+        help="redis:// URL of the log, read directly instead of over the bus",
+    )
+    parser.add_argument(
+        "--no-shrink",
+        action="store_true",
+        help="report the first failing example without shrinking it",
+    )
+    parser.add_argument(
+        "--replay",
+        metavar="FILE",
+        default=None,
+        help="replay a failing run written by an earlier check into in-process shards and the model, and report",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="end standard output with one JSON object of the results",
+    )
     parser.set_defaults(handler=cmd_check)
     return parser
 
@@ -71,7 +137,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.replay:
         return _replay(args)
     if args.faults and args.target == "endpoint":
-        raise SystemExit("--faults needs a stack the check starts itself: use --target stack without --endpoint")
+        raise SystemExit(
+            "--faults needs a stack the check starts itself: use --target stack without --endpoint"
+        )
     if args.target == "inprocess" and args.endpoint:
         raise SystemExit("--endpoint needs --target stack or --target endpoint")
     run_dir = Path(args.data_dir or ".tiermem") / "check"
@@ -109,12 +177,20 @@ def _check_remote(args: argparse.Namespace, run_dir: Path) -> int:
     try:
         if args.target == "stack" and not args.endpoint:
             stack, owned_dir = _start_stack(args)
-            endpoints, shards, policy, log_url = stack.endpoints, args.shards, STACK_POLICY, stack.config.log_url
+            endpoints, shards, policy, log_url = (
+                stack.endpoints,
+                args.shards,
+                STACK_POLICY,
+                stack.config.log_url,
+            )
             faults = StackFaults(stack) if args.faults else None
         else:
             endpoints, shards, policy, log_url = _deployment(args)
             faults = None
         exclusive = args.target == "stack"
+        # The stack the check starts runs Celery, whose beat keeps the
+        # search index within a second of the log.
+        search = stack is not None
         event_log = None
         if args.log_url or (log_url and exclusive):
             import redis
@@ -122,14 +198,25 @@ def _check_remote(args: argparse.Namespace, run_dir: Path) -> int:
             from events.log import RedisEventLog
 
             event_log = RedisEventLog(redis.Redis.from_url(args.log_url or log_url))
-        target = RemoteTarget(endpoints, shards=shards, policy=policy, event_log=event_log, exclusive=exclusive, faults=faults, name=args.target)
+        target = RemoteTarget(
+            endpoints,
+            shards=shards,
+            policy=policy,
+            event_log=event_log,
+            exclusive=exclusive,
+            faults=faults,
+            name=args.target,
+            search=search,
+        )
         if exclusive:
             settings = CheckSettings()
         else:
             # A shared deployment: no maintenance of other namespaces, and
             # TTLs far longer than a run, because other clients' traffic
             # decides when its maintenance runs.
-            settings = CheckSettings(ttls=(None, None, 86_400), global_maintain=False, faults=False)
+            settings = CheckSettings(
+                ttls=(None, None, 86_400), global_maintain=False, faults=False
+            )
         try:
             result = run_check(
                 target,
@@ -163,15 +250,24 @@ def _start_stack(args: argparse.Namespace):
     if args.data_dir:
         data_dir = Path(args.data_dir)
         if (data_dir / "endpoints.json").exists():
-            raise SystemExit(f"{data_dir} holds a running stack (endpoints.json exists); give --data-dir an unused directory, or check it with --target endpoint")
+            raise SystemExit(
+                f"{data_dir} contains a running stack (endpoints.json exists); give --data-dir an unused directory, or check it with --target endpoint"
+            )
     else:
         owned_dir = tempfile.mkdtemp(prefix="tiermem-check-")
         data_dir = Path(owned_dir)
     # Beat sends a Maintain over every namespace once per interval; the
     # check accepts those, but an hour keeps them out of most runs.
-    config = StackConfig(data_dir=str(data_dir), shards=args.shards, policy=STACK_POLICY, maintain_interval_s=3600.0)
-    config.router = msgspec.structs.replace(config.router, ports={lane: 0 for lane in LANE_ORDER})
-    stack = Stack(config, celery=args.faults)
+    config = StackConfig(
+        data_dir=str(data_dir),
+        shards=args.shards,
+        policy=STACK_POLICY,
+        maintain_interval_s=3600.0,
+    )
+    config.router = msgspec.structs.replace(
+        config.router, ports={lane: 0 for lane in LANE_ORDER}
+    )
+    stack = Stack(config, celery=True)
     print(f"tiermem check: starting a stack in {data_dir}", file=sys.stderr)
     stack.start()
     return stack, owned_dir
@@ -179,8 +275,6 @@ def _start_stack(args: argparse.Namespace):
 
 def _deployment(args: argparse.Namespace):
     """Return the endpoints, shard count, policy and log URL of a running deployment."""
-    import msgspec
-
     from bus.client import Client, load_endpoints
     from handlers.policy import Policy
 
@@ -189,7 +283,11 @@ def _deployment(args: argparse.Namespace):
         endpoints = endpoints_from_url(args.endpoint)
     else:
         data_dir = Path(args.data_dir or ".tiermem")
-        endpoints = {lane: url for lane, url in load_endpoints(data_dir).items() if lane in LANE_ORDER}
+        endpoints = {
+            lane: url
+            for lane, url in load_endpoints(data_dir).items()
+            if lane in LANE_ORDER
+        }
         config_path = data_dir / "stack.json"
         if config_path.exists():
             from tiermem.config import load_stack_config
@@ -197,18 +295,26 @@ def _deployment(args: argparse.Namespace):
             config = load_stack_config(config_path)
             policy, log_url = config.policy, config.log_url
     if policy == Policy() and not args.data_dir:
-        print("tiermem check: assuming the default policy; give --data-dir of the deployment to read its own", file=sys.stderr)
+        print(
+            "tiermem check: assuming the default policy; give --data-dir of the deployment to read its own",
+            file=sys.stderr,
+        )
     with Client(endpoints, timeout=10) as client:
         shards = len(client.status().shards)
-    return endpoints, shards, msgspec.structs.replace(policy), log_url
+    return endpoints, shards, policy, log_url
 
 
 def _report(result, args: argparse.Namespace) -> int:
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     if result.passed:
-        say(f"tiermem check: passed {result.examples} examples on {result.target} in {result.seconds}s (seed {result.seed})")
+        say(
+            f"tiermem check: passed {result.examples} examples ({result.steps_run} steps, "
+            f"{result.faults} faults) on {result.target} in {result.seconds}s (seed {result.seed})"
+        )
     else:
-        say(f"tiermem check: FAILED on {result.target} after {result.examples} examples in {result.seconds}s (seed {result.seed})")
+        say(
+            f"tiermem check: FAILED on {result.target} after {result.examples} examples in {result.seconds}s (seed {result.seed})"
+        )
         say(result.failure or "")
         say("shrunk sequence of steps:")
         for line in result.steps:
@@ -233,13 +339,25 @@ def _replay(args: argparse.Namespace) -> int:
     report = load_failing_run(args.replay)
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     if report.passed:
-        say(f"tiermem check: replayed {report.events} events from {args.replay}: shards and model agree")
+        say(
+            f"tiermem check: replayed {report.events} events from {args.replay}: shards and model agree"
+        )
     else:
-        say(f"tiermem check: replayed {report.events} events from {args.replay}: {len(report.problems)} disagreements")
+        say(
+            f"tiermem check: replayed {report.events} events from {args.replay}: {len(report.problems)} disagreements"
+        )
         for problem in report.problems:
             say(f"  {problem}")
     if args.json:
-        print(json.dumps({"passed": report.passed, "events": report.events, "problems": report.problems}))
+        print(
+            json.dumps(
+                {
+                    "passed": report.passed,
+                    "events": report.events,
+                    "problems": report.problems,
+                }
+            )
+        )
     return 0 if report.passed else 1
 
 
