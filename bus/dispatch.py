@@ -71,9 +71,19 @@ class Dispatcher(Protocol):
     shards: int
 
     def submit(
-        self, shard: int, token: int, events: Sequence[Event], encoded: Sequence[bytes] | None = None
+        self,
+        shard: int,
+        token: int,
+        events: Sequence[Event],
+        encoded: Sequence[bytes] | None = None,
+        *,
+        prev_seq: int | None = None,
     ) -> None:
-        """Send a shard its events in seq order; `encoded` are their log encodings."""
+        """Send a shard its events in seq order; `encoded` are their log encodings.
+
+        `prev_seq` is the last seq sent to this shard before these events,
+        or None when unknown (the first batch after the router started).
+        """
         ...
 
     def call(self, shard: int, token: int, method: str) -> None: ...
@@ -196,13 +206,22 @@ class RayDispatcher(_Base):
         payloads = ray.get([actor.status.remote() for actor in self.actors], timeout=timeout)
         return [msgspec.msgpack.decode(item, type=ShardStatusInfo) for item in payloads]
 
-    def submit(self, shard: int, token: int, events: Sequence[Event], encoded: Sequence[bytes] | None = None) -> None:
+    def submit(
+        self,
+        shard: int,
+        token: int,
+        events: Sequence[Event],
+        encoded: Sequence[bytes] | None = None,
+        *,
+        prev_seq: int | None = None,
+    ) -> None:
         self._started()
         if encoded is not None:
             # The log's encoding of each event, reused: no second encode.
-            payload = _events_encoder.encode([msgspec.Raw(item) for item in encoded])
+            body = [msgspec.Raw(item) for item in encoded]
         else:
-            payload = _events_encoder.encode(list(events))
+            body = list(events)
+        payload = _events_encoder.encode([prev_seq, body])
         self._send(shard, token, payload, "apply", 1)
 
     def call(self, shard: int, token: int, method: str) -> None:
@@ -268,9 +287,17 @@ class LocalDispatcher(_Base):
             self._threads.append(thread)
             thread.start()
 
-    def submit(self, shard: int, token: int, events: Sequence[Event], encoded: Sequence[bytes] | None = None) -> None:
+    def submit(
+        self,
+        shard: int,
+        token: int,
+        events: Sequence[Event],
+        encoded: Sequence[bytes] | None = None,
+        *,
+        prev_seq: int | None = None,
+    ) -> None:
         self._started()
-        self._queues[shard].put((token, "apply", list(events)))
+        self._queues[shard].put((token, "apply", (prev_seq, list(events))))
 
     def call(self, shard: int, token: int, method: str) -> None:
         self._started()
@@ -285,7 +312,8 @@ class LocalDispatcher(_Base):
             token, method, events = item
             try:
                 if method == "apply":
-                    completion = Completion(shard=index, token=token, replies=host.apply(events))
+                    prev_seq, batch = events
+                    completion = Completion(shard=index, token=token, replies=host.apply(batch, prev_seq=prev_seq))
                 elif method == "digests":
                     result = msgspec.msgpack.encode([host.watermark, host.digests()])
                     completion = Completion(shard=index, token=token, result=result)

@@ -150,6 +150,7 @@ class Router:
         self.last_ts = self._last_ts()
         self._stop = threading.Event()
         self._token = 0
+        self._last_sent: dict[int, int] = {}
         self._gets: dict[tuple[int, str], list[_Pending]] = {}
         self._batch_gets: dict[int, list[str]] = {}
         self._admin: dict[int, _AdminCall] = {}
@@ -585,7 +586,12 @@ class Router:
                 for request_id, pending in waiting:
                     self._gets.setdefault((token, request_id), []).append(pending)
             self.metrics.batch_submitted(shard, token, batch[-1].seq or 0)
-            self.dispatcher.submit(shard, token, batch, raw)
+            # Each batch names the last seq sent to its shard before it, so a
+            # shard that missed a batch (a call lost while its actor restarted)
+            # catches up from the log instead of skipping those events.
+            prev_seq = self._last_sent.get(shard)
+            self._last_sent[shard] = max(prev_seq or 0, max(event.seq or 0 for event in batch))
+            self.dispatcher.submit(shard, token, batch, raw, prev_seq=prev_seq)
 
     # ----------------------------------------------------------- search
 

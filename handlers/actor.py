@@ -80,6 +80,7 @@ def build_shard(settings: ShardSettings) -> Shard:
 
 _settings_decoder = msgspec.msgpack.Decoder(ShardSettings)
 _events_decoder = msgspec.msgpack.Decoder(list[AnyEvent])
+_batch_decoder = msgspec.msgpack.Decoder(tuple[int | None, list[AnyEvent]])
 _replies_encoder = msgspec.msgpack.Encoder()
 _replies_decoder = msgspec.msgpack.Decoder(list[Reply])
 
@@ -96,8 +97,10 @@ class ShardHost:
         self.shard = build_shard(self.settings)
         self.recovery = self.shard.recover()
 
-    def apply(self, events: bytes) -> bytes:
-        replies: list[Message] = self.shard.apply(_events_decoder.decode(events))
+    def apply(self, payload: bytes) -> bytes:
+        """Apply `[prev_seq, events]` (MessagePack); return the encoded replies."""
+        prev_seq, events = _batch_decoder.decode(payload)
+        replies: list[Message] = self.shard.apply(events, prev_seq=prev_seq)
         return _replies_encoder.encode(replies)
 
     def digests(self) -> bytes:

@@ -304,7 +304,7 @@ class Shard:
             return True
         return shard_of(event.namespace, self.shards) == self.shard
 
-    def apply(self, events: Sequence[Event]) -> list[Message]:
+    def apply(self, events: Sequence[Event], *, prev_seq: int | None = None) -> list[Message]:
         """Apply a batch in order and commit it; return the replies of its `Get`s.
 
         A `Get` at or below the watermark was applied before (this is a
@@ -321,6 +321,11 @@ class Shard:
             if self._paused and not self._try_resume():
                 return self._degraded_replies(events)
             try:
+                if prev_seq is not None and prev_seq > self.state.watermark and self.log is not None:
+                    # A batch before this one never arrived (a call lost while
+                    # the actor restarted): apply the log up to here first.
+                    self.log_tag.warning("shard.gap.filling", watermark=self.state.watermark, prev_seq=prev_seq, next="applying the log before this batch")
+                    self.catch_up()
                 return self._apply(events)
             except Exception as error:  # noqa: BLE001 - the breaker retries, the log keeps the events
                 self._pause(error)

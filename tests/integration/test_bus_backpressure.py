@@ -21,9 +21,9 @@ def test_busy_when_shards_fall_behind_then_nothing_lost(start_router, monkeypatc
     gate = threading.Event()
     original = Shard.apply
 
-    def slow_apply(self, events):
+    def slow_apply(self, events, **kwargs):
         gate.wait(timeout=30)
-        return original(self, events)
+        return original(self, events, **kwargs)
 
     monkeypatch.setattr(Shard, "apply", slow_apply)
     settings = RouterSettings(ports=dict(RANDOM_PORTS), max_inflight_batches=2, max_batch=10)

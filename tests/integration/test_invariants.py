@@ -34,12 +34,12 @@ def test_nothing_applied_before_durable(start_router, servers, monkeypatch):
     checked: list[int] = []
     original = Shard.apply
 
-    def apply_after_checking(self, events):
+    def apply_after_checking(self, events, **kwargs):
         for event in events:
             logged = event_log.read(event.seq - 1, 1)
             assert logged and logged[0].seq == event.seq, f"seq {event.seq} applied before it was logged"
             checked.append(event.seq)
-        return original(self, events)
+        return original(self, events, **kwargs)
 
     monkeypatch.setattr(Shard, "apply", apply_after_checking)
     router = start_router(shards=2)
@@ -261,3 +261,23 @@ def test_search_without_index_is_unavailable(start_router):
         (reply,) = client.pipeline([Search(query="x")])
     assert isinstance(reply, Error)
     assert reply.code == ErrorCode.UNAVAILABLE
+
+
+def test_shard_fills_gap_from_prev_seq(servers):
+    """A batch whose predecessor never arrived makes the shard apply the log first."""
+    from handlers.actor import build_shard
+
+    event_log = servers.event_log()
+    first = [Store(id=f"a{i}", key=f"k{i}", value=i, seq=i + 1, ts=1000) for i in range(3)]
+    second = [Store(id=f"b{i}", key=f"k{i}", value=10 + i, seq=4 + i, ts=2000) for i in range(3)]
+    event_log.append(first, [0, 0, 0])
+    event_log.append(second, [0, 0, 0])
+    (settings,) = servers.shard_settings(1)
+    shard = build_shard(settings)
+    try:
+        shard.apply(second, prev_seq=3)
+        digests = shard.digests()
+    finally:
+        shard.close()
+    rebuilt = rebuild(event_log, shards=1, policy=Policy(), until_seq=6)
+    assert compare_digests(digests, rebuilt.digests) == []

@@ -266,9 +266,9 @@ def test_busy_replies_counted(start_router, monkeypatch):
     gate = threading.Event()
     original = Shard.apply
 
-    def held_apply(self, events):
+    def held_apply(self, events, **kwargs):
         gate.wait(timeout=60)
-        return original(self, events)
+        return original(self, events, **kwargs)
 
     monkeypatch.setattr(Shard, "apply", held_apply)
     settings = RouterSettings(
@@ -350,9 +350,9 @@ def test_unroutable_reply_counted(own_router, monkeypatch):
     gate = threading.Event()
     original = Shard.apply
 
-    def held_apply(self, events):
+    def held_apply(self, events, **kwargs):
         gate.wait(timeout=60)
-        return original(self, events)
+        return original(self, events, **kwargs)
 
     monkeypatch.setattr(Shard, "apply", held_apply)
     router = own_router(shards=1, monitor=True)

@@ -119,7 +119,7 @@ def _get_before_batch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Reply to each Get from the state before its batch, not after the events before it."""
     original = Shard.apply
 
-    def early_reads(self, events):
+    def early_reads(self, events, **kwargs):
         early = {
             event.id: msgspec.structs.replace(
                 self.state.peek(event.namespace, event.key, event.seq, event.ts),
@@ -128,7 +128,7 @@ def _get_before_batch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             for event in events
             if isinstance(event, Get)
         }
-        return [early.get(reply.id, reply) for reply in original(self, events)]
+        return [early.get(reply.id, reply) for reply in original(self, events, **kwargs)]
 
     monkeypatch.setattr(Shard, "apply", early_reads)
 
