@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_check_parser(commands)
     add_console_parser(commands)
+
+    from tiermem.commands.bench import add_bench_parser
+
+    add_bench_parser(commands)
     add_config_parser(commands)
     add_doctor_parser(commands)
 
