@@ -2,10 +2,10 @@
 
 The article times a loop of 1,000 awaited stores and then 1,000 gets of
 the same keys, for 1 KB, 10 KB and 100 KB values, and reports operations
-per second. Here the tiermem side is the synchronous `Client` (one request
-in flight, Store acknowledged after fsync); the baseline is redis-py
-SET and GET on a bare redis-server with `appendfsync always`, so both
-sides make every write durable before answering.
+per second. Here the tiermem side is the synchronous `Client`, with one
+request in flight and each Store acknowledged after fsync. The baseline is
+redis-py SET and GET on a bare redis-server with `appendfsync always`, so
+both sides make every write durable before they reply.
 """
 
 from __future__ import annotations

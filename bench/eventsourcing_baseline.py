@@ -3,10 +3,9 @@
 Each namespace is one aggregate whose state is a dict of key to value and
 a dict of reads per key: the projection that tiermem's shards keep, minus
 tiers, capacities and the cache. The events go into the library's SQLite
-recorder (a file, fsynced like the Redis log), and a rebuild is what the
-library does to load aggregates: `repository.get` of every namespace's
-aggregate, which selects its stored events, decodes them and applies them
-in order.
+recorder, a file on disk. A rebuild is what the library does to load
+aggregates: `repository.get` of every namespace's aggregate, which selects
+its stored events, decodes them and applies them in order.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ __all__ = ["History", "aof_bytes", "history"]
 
 @dataclass
 class History:
-    """What the history stack's log contains once built."""
+    """The contents of the history stack's log once it is built."""
 
     last_seq: int
     events: int  # events in the log, without requests still Busy after every resend

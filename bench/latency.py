@@ -202,7 +202,8 @@ def _read_keys(context: BenchContext) -> ReadKeys:
         failed = [reply for reply in replies if type(reply).__name__ != "Ack"]
         if failed:
             raise RuntimeError(
-                f"{len(failed)} read-key Stores were not acknowledged; first reply: {failed[0]!r}"
+                f"{len(failed)} of {len(stores)} read-key Stores were not acknowledged "
+                f"(first reply: {failed[0]!r}); rerun with --data-dir to keep the router log"
             )
         client.pipeline(
             [Maintain(namespace=namespace) for namespace in namespaces],

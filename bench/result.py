@@ -16,8 +16,8 @@ class ScenarioResult:
 
     A figure is one (system, metric) pair, for example ("tiermem", "events/s")
     or ("redis GET", "p99"). Its value in every round is kept, and reports
-    show the median and the min-max over rounds. `higher_is_better` says
-    which way a ratio to a baseline reads as a gain.
+    show the median and the min-max over rounds. `higher_is_better` is
+    true when a larger value is the better one.
     """
 
     def __init__(
