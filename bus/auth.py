@@ -31,7 +31,7 @@ LANE_DOMAIN = "lanes"
 
 
 class ClientGrant(msgspec.Struct, frozen=True, kw_only=True):
-    """What one client key may do: namespace patterns for reads and writes."""
+    """The grant of one client key: namespace patterns for reads and writes."""
 
     name: str
     read: list[str] = msgspec.field(default_factory=lambda: ["*"])
@@ -104,7 +104,7 @@ class _GrantChecker:
 
 
 class Gatekeeper:
-    """Runs the ZAP handler and answers whether a client may send a request."""
+    """Runs the ZAP handler and decides whether a client may send a request."""
 
     def __init__(self, settings: AuthSettings, context: zmq.Context) -> None:
         self.settings = settings
@@ -113,7 +113,7 @@ class Gatekeeper:
         self._lock = threading.Lock()
         self.server = load_keys(settings.server_secret_file) if settings.server_secret_file else None
         if self.server is not None and self.server.secret is None:
-            raise ValueError(f"{settings.server_secret_file} holds no secret key; pass the .key_secret file")
+            raise ValueError(f"{settings.server_secret_file} contains no secret key; pass the .key_secret file")
         self.authenticator: ThreadAuthenticator | None = None
 
     def count_rejected(self) -> None:

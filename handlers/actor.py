@@ -35,7 +35,7 @@ log = structlog.get_logger("tiermem.actor")
 
 
 class ShardSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """Where a shard's tiers and the log live, and the policy it applies."""
+    """The locations of a shard's tiers and the log, and the policy it applies."""
 
     shard: int
     shards: int

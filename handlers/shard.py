@@ -77,7 +77,7 @@ class _Redo(msgspec.Struct, frozen=True, array_like=True):
 
 
 class RecoveryReport(msgspec.Struct, frozen=True, kw_only=True):
-    """What a shard did to come back: redo, rebuild, and events replayed.
+    """The outcome of a shard's recovery: redo, rebuild, and events replayed.
 
     `snapshot_seq` is the watermark of the snapshot a rebuild started from,
     None when it started from empty tiers.
