@@ -320,7 +320,7 @@ class LocalDispatcher(_Base):
                 elif method == "rebuild":
                     completion = Completion(shard=index, token=token, result=msgspec.msgpack.encode(host.rebuild()))
                 elif method == "status":
-                    info = ShardStatusInfo(shard=index, watermark=host.watermark, pid=os.getpid(), node="local", keys=host.state.entry_count())
+                    info = ShardStatusInfo(shard=index, watermark=host.watermark, pid=os.getpid(), node="local", keys=host.state.entry_count(), pools=host.pool_stats())
                     completion = Completion(shard=index, token=token, result=msgspec.msgpack.encode(info))
                 else:
                     raise ValueError(f"unknown shard method {method!r}")

@@ -25,7 +25,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from events.errors import ErrorCode, TiermemError
@@ -38,8 +38,10 @@ from events.types import (
     TierDigest,
     Value,
 )
+from tiers.pools import PoolStats
 
 __all__ = [
+    "POOL_OUTCOMES",
     "READ_TIERS",
     "RESYNC_LANE",
     "MetricsEndpoint",
@@ -57,6 +59,9 @@ RESYNC_LANE = "resync"
 """The `lane` label of events found in the log after an append that seemed to fail."""
 
 BUSY_REASONS = ("inflight", "search")
+
+POOL_OUTCOMES = ("completed", "failed", "rejected", "cancelled")
+"""The `outcome` label of `tiermem_router_shard_pool_tasks`: the `PoolStats` count of each."""
 
 # Seconds, from a small batch on a fast disk up to a Redis under load,
 # because every append waits for its fsync.
@@ -250,6 +255,11 @@ class RouterMetrics:
             tier: self.reads.labels(tier=tier) for tier in READ_TIERS
         }
         registry.register(_RouterStateCollector(self, state, projection_checkpoint))
+        # (shard, tier) -> the pool's stats in the last Status reply and its
+        # utilization since the reply before. Replaced whole by the router
+        # thread and read by the scrape thread, so no lock is needed.
+        self._pools: dict[tuple[int, str], tuple[PoolStats, float]] = {}
+        registry.register(_PoolCollector(self))
 
     def _precreate(self, lanes: Sequence[str]) -> None:
         """Create the series of every known label value, so each is exported from 0."""
@@ -345,6 +355,31 @@ class RouterMetrics:
                 and item.watermark > self._applied[item.shard]
             ):
                 self._applied[item.shard] = item.watermark
+
+    def shard_pools(self, shard: int, pools: Iterable[PoolStats]) -> None:
+        """Take the stats of a shard's tier pools from its Status reply.
+
+        Utilization is the share of the pool's `max_workers` that ran tasks
+        between this reply and the shard's previous one. For the first reply
+        of a pool, or of a restarted one, it covers the time since the pool
+        started.
+        """
+        updated = dict(self._pools)
+        for stats in pools:
+            key = (shard, stats.name)
+            previous = updated.get(key)
+            busy, window = stats.busy_seconds, stats.uptime_seconds
+            if previous is not None and previous[0].started_unix_s == stats.started_unix_s:
+                busy -= previous[0].busy_seconds
+                window -= previous[0].uptime_seconds
+            capacity = window * stats.max_workers
+            utilization = min(1.0, max(0.0, busy / capacity)) if capacity > 0 else 0.0
+            updated[key] = (stats, utilization)
+        self._pools = updated
+
+    def pool_samples(self) -> list[tuple[int, PoolStats, float]]:
+        """Return (shard, stats, utilization) of every pool reported, by shard and tier."""
+        return [(shard, stats, utilization) for (shard, _), (stats, utilization) in sorted(self._pools.items())]
 
     def digests(self, tiers: Iterable[TierDigest]) -> None:
         """Take each tier's record count from a Digest reply."""
@@ -464,6 +499,63 @@ class _RouterStateCollector(Collector):
                 )
             return None
         return checkpoint
+
+
+class _PoolCollector(Collector):
+    """The collector of the shards' tier pools, from the last Status reply of each shard.
+
+    The task and busy-time counts restart from 0 when a shard's process
+    restarts, as counters do after a reset, so `rate()` handles them.
+    """
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["shard", "tier"]
+        workers = GaugeMetricFamily(
+            "tiermem_router_shard_pool_workers",
+            "Worker threads of each shard's tier pool, in the last Status reply.",
+            labels=labels,
+        )
+        max_workers = GaugeMetricFamily(
+            "tiermem_router_shard_pool_max_workers",
+            "Maximum worker threads of each shard's tier pool.",
+            labels=labels,
+        )
+        utilization = GaugeMetricFamily(
+            "tiermem_router_shard_pool_utilization",
+            "Share of a tier pool's max_workers that ran tasks between the shard's last two Status replies.",
+            labels=labels,
+        )
+        busy = CounterMetricFamily(
+            "tiermem_router_shard_pool_busy_seconds",
+            "Seconds the workers of each shard's tier pool spent running tasks, in the last Status reply.",
+            labels=labels,
+        )
+        tasks = CounterMetricFamily(
+            "tiermem_router_shard_pool_tasks",
+            "Tasks of each shard's tier pool by outcome, in the last Status reply.",
+            labels=[*labels, "outcome"],
+        )
+
+        for shard, stats, share in self.metrics.pool_samples():
+            label = [str(shard), stats.name]
+            workers.add_metric(label, stats.workers)
+            max_workers.add_metric(label, stats.max_workers)
+            utilization.add_metric(label, share)
+            busy.add_metric(label, stats.busy_seconds)
+            for outcome in POOL_OUTCOMES:
+                tasks.add_metric([*label, outcome], getattr(stats, outcome))
+
+        yield workers
+        yield max_workers
+        yield utilization
+        yield busy
+        yield tasks
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

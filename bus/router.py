@@ -701,6 +701,8 @@ class Router:
             infos = [_status_type.decode(payload) for payload in call.results]
             shards = [ShardStatus(shard=i.shard, watermark=i.watermark, pid=i.pid, node=i.node, keys=i.keys) for i in infos]
             self.metrics.shard_status(shards)
+            for info in infos:
+                self.metrics.shard_pools(info.shard, info.pools)
             lanes = {lane: self.counters.get(f"received.{lane}", 0) for lane in LANES}
             self._reply(call.pending, StatusReply(id=request_id, last_seq=self.seq, shards=shards, lanes=lanes))
 

@@ -19,7 +19,8 @@ from events.types import AnyEvent, Message, Reply
 from handlers.effects import RedisEffectLog
 from handlers.policy import Policy
 from handlers.shard import RecoveryReport, Shard
-from tiers.redis_tier import RedisTier
+from tiers.pools import PoolStats, TierPools, TierPoolSettings
+from tiers.redis_tier import RedisTier, client_from_url
 from tiers.sqlite_tier import SqliteTier
 
 __all__ = [
@@ -40,6 +41,8 @@ class ShardSettings(msgspec.Struct, frozen=True, kw_only=True):
     shard: int
     shards: int
     log_url: str
+    # A Redis URL, or a `redis+cluster://` URL of a Redis Cluster (see
+    # `tiers.redis_tier.client_from_url`). The log needs a single server.
     stm_url: str
     im_url: str
     ltm_dir: str
@@ -47,6 +50,8 @@ class ShardSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_stream: str = "tiermem:log"
     # Root of the snapshot files (`DIR/snapshots`). With None, a rebuild replays the whole log.
     snapshot_dir: str | None = None
+    # Sizes of the thread pools that run the shard's IM and LTM commits.
+    pools: TierPoolSettings = TierPoolSettings()
 
 
 class ShardStatusInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,12 +61,13 @@ class ShardStatusInfo(msgspec.Struct, frozen=True, kw_only=True):
     node: str
     keys: int
     recovery: RecoveryReport | None = None
+    pools: list[PoolStats] = []
 
 
 def build_shard(settings: ShardSettings) -> Shard:
     """Connect a shard's tiers and the log, without recovering it yet."""
-    stm = RedisTier("stm", redis.Redis.from_url(settings.stm_url), settings.shard, owns_client=True)
-    im = RedisTier("im", redis.Redis.from_url(settings.im_url), settings.shard, owns_client=True)
+    stm = RedisTier("stm", client_from_url(settings.stm_url), settings.shard, owns_client=True)
+    im = RedisTier("im", client_from_url(settings.im_url), settings.shard, owns_client=True)
     ltm_path = Path(settings.ltm_dir) / f"ltm-{settings.shard}.sqlite3"
     ltm_path.parent.mkdir(parents=True, exist_ok=True)
     ltm = SqliteTier("ltm", ltm_path, settings.shard)
@@ -75,6 +81,7 @@ def build_shard(settings: ShardSettings) -> Shard:
         event_log,
         RedisEffectLog(log_client),
         snapshot_dir=settings.snapshot_dir,
+        pools=TierPools(settings.pools, context={"shard": settings.shard}),
     )
 
 
@@ -123,6 +130,7 @@ class ShardHost:
             node=socket.gethostname(),
             keys=self.shard.state.entry_count(),
             recovery=self.recovery,
+            pools=self.shard.pool_stats(),
         )
         return msgspec.msgpack.encode(info)
 

@@ -19,6 +19,7 @@ there is one, and from the log after it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import hashlib
@@ -37,6 +38,7 @@ from handlers.policy import Policy
 from handlers.sharding import shard_of
 from handlers.state import ShardState
 from tiers.base import TIER_NAMES, Tier, TierWrites
+from tiers.pools import PoolStats, TierPools
 from tiers.snapshot import Snapshot, load_into_tiers, newest_valid
 
 __all__ = ["RecoveryReport", "Shard", "answered_by_shard"]
@@ -112,6 +114,7 @@ class Shard:
         effect_log: EffectLog | None = None,
         *,
         snapshot_dir: str | Path | None = None,
+        pools: TierPools | None = None,
     ) -> None:
         missing = [name for name in TIER_NAMES if name not in tiers]
         if missing:
@@ -124,6 +127,9 @@ class Shard:
         self.effect_log = effect_log
         # Root of this shard's snapshots (`ROOT/shard-<n>/*.snap`), read by rebuilds.
         self.snapshot_dir = snapshot_dir
+        # Pools that run a batch's IM and LTM commits in parallel, shut down by
+        # close(). With None, the commits run one after the other in the caller.
+        self.pools = pools
         self.state = ShardState(shard, policy, tiers)
         self.fingerprint = f"{policy.fingerprint()}:{shards}"
         self._expected = {"im": 0, "ltm": 0}
@@ -462,10 +468,31 @@ class Shard:
         if deep:
             redo = _Redo(seq=watermark, writes=writes, expected=expected)
             stm.put_control(_REDO, _redo_encoder.encode(redo))
-            for name in deep:
-                self.tiers[name].commit(writes[name], watermark)
+            self._commit_deep(deep, writes, watermark)
         stm.commit(writes["stm"], watermark, self._control(expected))
         self._expected = expected
+
+    def _commit_deep(self, deep: list[str], writes: dict[str, TierWrites], watermark: int) -> None:
+        """Commit the IM and LTM writes of a batch whose redo record is durable.
+
+        The commits are independent: the redo record covers each of them, and
+        recovery finishes whichever tier's watermark is behind. So they run in
+        parallel on their tiers' pools. Every one of them has finished when
+        this returns or raises, so no commit runs on while the caller reloads
+        or retries. The first failure in tier order is raised.
+        """
+        if self.pools is None:
+            for name in deep:
+                self.tiers[name].commit(writes[name], watermark)
+            return
+        futures: list[Future] = []
+        try:
+            for name in deep:
+                futures.append(self.pools[name].submit(self.tiers[name].commit, writes[name], watermark))
+        finally:
+            wait(futures)
+        for future in futures:
+            future.result()
 
     # ----------------------------------------------------------- inspection
 
@@ -490,9 +517,16 @@ class Shard:
     def watermark(self) -> int:
         return self.state.watermark
 
+    def pool_stats(self) -> list[PoolStats]:
+        """Return the stats of the tier pools, an empty list without pools."""
+        return self.pools.stats() if self.pools is not None else []
+
     def close(self) -> None:
-        """Stop the breaker's retries; close every tier's connections and files."""
+        """Stop the breaker's retries and the tier pools; close every tier's connections and files."""
         self._closed.set()
+        if self.pools is not None:
+            # Waits for a commit still running, so no tier is closed under it.
+            self.pools.shutdown(wait=True)
         for tier in self.tiers.values():
             try:
                 tier.close()

@@ -44,7 +44,7 @@ from replay.snapshot import ReplayedShard, event_ts, replay_shard, snapshot_root
 from tiers.base import TIER_NAMES, Record, Tier
 from tiers.errors import TierError
 from tiers.memory import MemoryTier
-from tiers.redis_tier import RedisTier
+from tiers.redis_tier import RedisTier, client_from_url
 from tiers.snapshot import Snapshot, list_snapshots, read_snapshot, write_snapshot
 from tiers.sqlite_tier import SqliteTier
 
@@ -279,8 +279,8 @@ def open_live_tiers(target: ReplayTarget, shard: int) -> dict[str, Tier]:
     created: a memory tier takes its place.
     """
     tiers: dict[str, Tier] = {
-        "stm": RedisTier("stm", redis.Redis.from_url(target.stm_url), shard, owns_client=True),
-        "im": RedisTier("im", redis.Redis.from_url(target.im_url), shard, owns_client=True),
+        "stm": RedisTier("stm", client_from_url(target.stm_url), shard, owns_client=True),
+        "im": RedisTier("im", client_from_url(target.im_url), shard, owns_client=True),
     }
     ltm_path = Path(target.ltm_dir) / f"ltm-{shard}.sqlite3"
     tiers["ltm"] = SqliteTier("ltm", ltm_path, shard) if ltm_path.exists() else MemoryTier("ltm", shard)

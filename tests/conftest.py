@@ -1,4 +1,4 @@
-"""Shared fixtures: private redis-servers, one Ray head per session, routers.
+"""Shared fixtures: private redis-servers, a Redis Cluster and a Ray head per session, routers.
 
 Every server is started by the fixture on a free port on 127.0.0.1 with its
 own data directory, and stopped by PID when the test ends. Nothing here
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -24,7 +25,7 @@ from events.log import RedisEventLog  # noqa: E402
 from handlers.actor import ShardSettings, build_shard  # noqa: E402
 from handlers.policy import Policy  # noqa: E402
 from tiermem.ray_head import RayHead  # noqa: E402
-from tiermem.servers import RedisServer  # noqa: E402
+from tiermem.servers import RedisServer, free_ports, wait_until  # noqa: E402
 
 RANDOM_PORTS = {"high": 0, "normal": 0, "low": 0, "pub": 0}
 
@@ -42,6 +43,89 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in reversed(started):
         server.stop()
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of private redis-servers, primaries only, with the slots split evenly.
+
+    Each node runs with the STM role's settings (`noeviction`, append-only
+    file) and keeps `nodes.conf` in its own data directory. Client and
+    cluster bus ports are all chosen free, because the default bus port,
+    the client port plus 10000, can be taken or above 65535.
+    """
+
+    def __init__(self, base_dir: Path, primaries: int = 3) -> None:
+        ports = free_ports(2 * primaries)
+        self.bus_ports = ports[primaries:]
+        self.servers: list[RedisServer] = []
+        for index in range(primaries):
+            node_dir = base_dir / f"node-{index}"
+            cluster_args = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "redis-stm" / "nodes.conf"),
+                "--cluster-port", str(self.bus_ports[index]),
+            )  # fmt: skip
+            server = RedisServer(node_dir, role="stm", port=ports[index], extra_args=cluster_args)
+            self.servers.append(server)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{server.host}:{server.port}" for server in self.servers)
+
+    def start(self, timeout: float = 20.0) -> RedisClusterNodes:
+        """Start the nodes, give each its slot range, join them, and wait until all agree."""
+        try:
+            for server in self.servers:
+                server.start()
+            self._join(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _join(self, timeout: float) -> None:
+        clients = [server.client() for server in self.servers]
+        count = len(clients)
+        try:
+            for index, client in enumerate(clients):
+                first = index * REDIS_CLUSTER_HASH_SLOTS // count
+                last = (index + 1) * REDIS_CLUSTER_HASH_SLOTS // count - 1
+                # Distinct epochs up front, as `redis-cli --cluster create` sets
+                # them, so that the nodes need not resolve an epoch collision.
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            for server, bus_port in zip(self.servers[1:], self.bus_ports[1:], strict=True):
+                clients[0].execute_command("CLUSTER", "MEET", server.host, server.port, bus_port)
+            wait_until(
+                lambda: all(self._agrees(client) for client in clients),
+                timeout=timeout,
+                interval=0.05,
+                what="every Redis Cluster node to report cluster_state:ok with all nodes and slots",
+            )
+        finally:
+            for client in clients:
+                client.close()
+
+    def _agrees(self, client: redis.Redis) -> bool:
+        lines = client.execute_command("CLUSTER", "INFO").decode().splitlines()
+        info = dict(line.split(":", 1) for line in lines if ":" in line)
+        return (
+            info["cluster_state"] == "ok"
+            and int(info["cluster_known_nodes"]) == len(self.servers)
+            and int(info["cluster_slots_ok"]) == REDIS_CLUSTER_HASH_SLOTS
+        )
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterNodes]:
+    """Start one 3-primary Redis Cluster for the session. Each test empties it before use."""
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 class Servers:

@@ -54,6 +54,7 @@ from events.log import RedisEventLog, check_log_config
 from handlers.effects import effects_stream
 from replay.projections.runner import readable_count, shard_watermarks
 from replay.snapshot import take_snapshot
+from tiers.redis_tier import client_from_url
 from tiers.snapshot import snapshot_path
 from tiermem.config import StackConfig, load_stack_config, write_stack_config
 from tiermem.servers import RedisServer
@@ -412,7 +413,7 @@ def create_backup(
     _prepare_empty_dir(out, "backup directory")
 
     log_client = redis.Redis.from_url(config.log_url)
-    stm_client = redis.Redis.from_url(config.stm_url)
+    stm_client = client_from_url(config.stm_url)
     event_log = RedisEventLog(log_client, stream=config.log_stream)
     try:
         try:

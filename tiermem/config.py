@@ -9,6 +9,7 @@ import msgspec
 from bus.dispatch import placement_resources
 from bus.router import RouterSettings
 from handlers.policy import Policy
+from tiers.pools import TierPoolSettings
 
 __all__ = ["StackConfig", "load_stack_config", "write_stack_config"]
 
@@ -24,6 +25,9 @@ class StackConfig(msgspec.Struct, kw_only=True):
     shards: int = 2
     router: RouterSettings = RouterSettings()
     policy: Policy = Policy()
+    # Thread pools of each shard, one per tier, that run a batch's IM and
+    # LTM commits in parallel.
+    pools: TierPoolSettings = TierPoolSettings()
     ray_address: str | None = None
     # Ray custom resources that place the shard actors: one name for every
     # shard, or one name per shard. Each actor requires 0.001 of its name,
@@ -32,6 +36,8 @@ class StackConfig(msgspec.Struct, kw_only=True):
     # places the actors wherever Ray's default strategy puts them.
     shard_resources: list[str] | None = None
     log_url: str | None = None
+    # STM and IM also take a `redis+cluster://HOST:PORT[,HOST:PORT...]` URL
+    # of a Redis Cluster. The log needs a single Redis server.
     stm_url: str | None = None
     im_url: str | None = None
     allow_everysec: bool = False
@@ -46,6 +52,11 @@ class StackConfig(msgspec.Struct, kw_only=True):
     projection_interval_s: float = 1.0
     # Seconds between scheduled snapshots of each shard.
     snapshot_interval_s: float = 600.0
+    # Seconds between erasure passes (replay.erase), which rewrite snapshots
+    # taken before a Forget; a pass with no Forget since the last costs one GET.
+    erase_interval_s: float = 5.0
+    # Least seconds between the AOF rewrites of an erasure pass.
+    erase_aof_interval_s: float = 3600.0
     # Pool processes of the embedded worker. Its tasks mostly wait on the bus,
     # and it shares the host with Redis, Ray and the router.
     celery_concurrency: int = 2
@@ -57,7 +68,7 @@ class StackConfig(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if self.shards < 1:
             raise ValueError(f"shards must be at least 1, got {self.shards}")
-        for name in ("projection_interval_s", "snapshot_interval_s"):
+        for name in ("projection_interval_s", "snapshot_interval_s", "erase_interval_s", "erase_aof_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.maintain_interval_s > 0:

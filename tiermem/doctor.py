@@ -3,8 +3,8 @@
 Each check returns a `Check`: its name, whether it passed, what it found
 and, when it failed, what to do. The checks cover the disk of the data
 directory, the configuration of every Redis, the Ray cluster, each bus lane,
-the shard actors, apply and projection lag, and the Celery queues. Checks
-that wait on the network run in parallel, each with its own deadline.
+the shard actors, apply and projection lag, the Celery queues and beat.
+Checks that wait on the network run in parallel, each with its own deadline.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timezone
 from pathlib import Path
 
 import msgspec
 import redis
+from redis.exceptions import RedisClusterException
 
 from bus.client import Client, RequestTimeout
 from bus.router import LANES
@@ -38,9 +41,10 @@ from events.types import (
     StatusReply,
 )
 from handlers.sharding import shard_of
-from replay.celery_app import QUEUES
+from replay.celery_app import QUEUES, read_schedule_state, schedule_path, slot_number
 from tiermem.config import StackConfig
 from tiermem.settings import mask_secrets
+from tiers.redis_tier import client_from_url, cluster_node_urls, is_cluster_url
 
 __all__ = [
     "CHECK_ORDER",
@@ -64,7 +68,16 @@ CHECK_ORDER = (
     "apply_lag",
     "projection_lag",
     *(f"celery.{queue}" for queue in QUEUES),
+    "celery.beat",
 )
+
+# Seconds beyond twice beat's shortest interval that its schedule file may
+# lag before the beat check fails, because a loaded host delays beat's wakeups.
+BEAT_SLACK_S = 5.0
+
+# Slots of maintain_interval_s that the beat check looks back through in the
+# log, one HMGET for all, when beat's schedule file is not on this host.
+BEAT_LOOKBACK_SLOTS = 1000
 
 # At most this many log events are read to count the shards' unapplied
 # events, which bounds the check's time when a shard is far behind.
@@ -246,6 +259,8 @@ def check_tier_redis(role: str, url: str | None, options: DoctorOptions) -> Chec
     setting = f"{role}_url"
     if url is None:
         return _unset(name, setting)
+    if is_cluster_url(url):
+        return _check_tier_cluster(role, url, options)
     client = _redis(url, options)
     try:
         client.ping()
@@ -277,7 +292,6 @@ def check_tier_redis(role: str, url: str | None, options: DoctorOptions) -> Chec
             "the tier differ from what the log defines"
         )
 
-    # NOTE: with a Redis Cluster URL this reads only the node the URL names.
     if problems:
         return _failed(
             name,
@@ -287,6 +301,29 @@ def check_tier_redis(role: str, url: str | None, options: DoctorOptions) -> Chec
     return _passed(
         name,
         f"{url}: appendonly yes, appendfsync {found.get('appendfsync', '?')}, maxmemory-policy noeviction",
+    )
+
+
+def _check_tier_cluster(role: str, url: str, options: DoctorOptions) -> Check:
+    """Run the tier Redis check on every primary and replica of a Redis Cluster."""
+    name = f"redis.{role}"
+    try:
+        node_urls = cluster_node_urls(
+            url, socket_timeout=options.timeout_s, socket_connect_timeout=options.timeout_s
+        )
+    except (redis.RedisError, RedisClusterException) as error:
+        return _unreachable(name, f"{role.upper()} Redis Cluster", url, error, f"{role}_url")
+    checks = [check_tier_redis(role, node_url, options) for node_url in node_urls]
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        return _failed(
+            name,
+            f"{len(failed)} of {len(checks)} nodes of the {role.upper()} Redis Cluster at {url} failed: "
+            + "; ".join(check.detail for check in failed),
+            "; ".join(dict.fromkeys(check.fix or "" for check in failed)),
+        )
+    return _passed(
+        name, f"{url}: {len(checks)} nodes: " + "; ".join(check.detail for check in checks)
     )
 
 
@@ -606,7 +643,7 @@ def check_apply_lag(
             source = "STM, because Status failed"
         # The router's shard count decides ownership, even if the configuration differs.
         counts, complete = _unapplied(event_log, watermarks, until_seq, len(watermarks))
-    except redis.RedisError as error:
+    except (redis.RedisError, RedisClusterException) as error:
         return _failed(
             name,
             f"not checked: cannot read the log or STM: {error}",
@@ -645,7 +682,9 @@ def check_apply_lag(
 def _stm_watermarks(config: StackConfig, options: DoctorOptions) -> dict[int, int]:
     from replay.projections.runner import shard_watermarks
 
-    client = _redis(config.stm_url or "", options)
+    client = client_from_url(
+        config.stm_url or "", socket_timeout=options.timeout_s, socket_connect_timeout=options.timeout_s
+    )
     try:
         return dict(enumerate(shard_watermarks(client, config.shards)))
     finally:
@@ -771,6 +810,116 @@ def check_celery(config: StackConfig, options: DoctorOptions) -> list[Check]:
     return checks
 
 
+# ----------------------------------------------------------------- beat
+
+_START_BEAT = (
+    "read DIR/logs/celery-beat.log for why beat stopped, then restart the stack with `tiermem up`, "
+    "which starts beat; a beat run apart from `tiermem up` starts with "
+    "`TIERMEM_CONFIG=DIR/stack.json celery -A replay.celery_app beat` on its host"
+)
+
+
+def check_beat(config: StackConfig, options: DoctorOptions, *, now: float | None = None) -> Check:
+    """Check that Celery beat runs: from its schedule file when it is on this host, else from the log.
+
+    Beat writes `DIR/celerybeat-schedule.json` when it starts and each time
+    it sends a task, with every entry's last send time, and it sends the
+    projection run every `projection_interval_s`. Without the file (beat runs on another host),
+    the log must contain the `Maintain` that beat scheduled for the current
+    slot of `maintain_interval_s` or the one before, found by its event id.
+    `now` is the Unix time to compare with, the clock by default.
+    """
+    name = "celery.beat"
+    if config.broker_url is None:
+        return _unset(name, "broker_url")
+    now = time.time() if now is None else now
+    path = schedule_path(config)
+    if path.exists():
+        return _beat_from_schedule(config, path, now)
+    return _beat_from_log(config, options, now)
+
+
+def _beat_from_schedule(config: StackConfig, path: Path, now: float) -> Check:
+    name = "celery.beat"
+    state = read_schedule_state(path)
+    if state is None or not state.entries:
+        return _failed(
+            name,
+            f"beat's schedule file {path} cannot be read or lists no tasks",
+            f"stop beat, delete {path} and start beat again, which writes it anew; {_START_BEAT}",
+        )
+
+    # A beat that starts again writes the file with the send times it
+    # restored, which are old, so the file's modification time counts too.
+    sent = max(
+        entry.last_run_at.replace(tzinfo=entry.last_run_at.tzinfo or timezone.utc).timestamp()
+        for entry in state.entries.values()
+    )
+    try:
+        written = path.stat().st_mtime
+    except OSError:
+        written = sent
+
+    age = max(0.0, now - max(sent, written))
+    shortest = min(config.projection_interval_s, config.maintain_interval_s, config.snapshot_interval_s)
+    limit = 2 * shortest + BEAT_SLACK_S
+    detail = (
+        f"beat (pid {state.beat_pid}) last wrote {path} {age:.1f} s ago; "
+        f"it sends a task every {shortest:g} s and rewrites the file each time"
+    )
+    if age > limit:
+        return _failed(
+            name,
+            f"{detail}, so it has stopped: nothing written for more than {limit:g} s. Without beat, no "
+            "Maintain, projection run or snapshot is scheduled",
+            _START_BEAT,
+        )
+    return _passed(name, detail)
+
+
+def _beat_from_log(config: StackConfig, options: DoctorOptions, now: float) -> Check:
+    from replay.tasks.maintenance import maintenance_event_id
+
+    name = "celery.beat"
+    if config.log_url is None:
+        return _unset(name, "log_url")
+    interval = config.maintain_interval_s
+    slot = slot_number(now, interval)
+    ids = [maintenance_event_id(interval, slot - back) for back in range(BEAT_LOOKBACK_SLOTS)]
+    event_log = _event_log(config, options)
+    try:
+        found = event_log.lookup(ids)
+    except redis.RedisError as error:
+        return _failed(
+            name,
+            f"not checked: beat's schedule file {schedule_path(config)} is not on this host, and the log "
+            f"cannot be read: {error}",
+            "fix the redis.log check first, or run doctor on beat's host",
+        )
+    finally:
+        event_log.client.close()
+    back = next((index for index, logged in enumerate(found) if logged is not None), None)
+    where = f"beat's schedule file {schedule_path(config)} is not on this host, so the log was read"
+    if back is not None and back <= 1:
+        logged = found[back]
+        return _passed(
+            name,
+            f"{where}: the Maintain that beat scheduled for slot {slot - back} is at seq {logged.seq}; "
+            f"beat sends one every {interval:g} s",
+        )
+    if back is None:
+        last = f"no Maintain that beat scheduled is in the log for the last {BEAT_LOOKBACK_SLOTS} slots"
+    else:
+        last = f"the last Maintain that beat scheduled is from {back} slots ago (seq {found[back].seq})"
+    return _failed(
+        name,
+        f"{where}: {last} of {interval:g} s. A beat started less than two slots ago has not sent one yet",
+        "check that beat runs on its host (run doctor there, where it reads DIR/celerybeat-schedule.json) "
+        "and that the celery.maintenance check passes, because a worker on that queue sends beat's "
+        f"Maintain to the router; {_START_BEAT}",
+    )
+
+
 # ----------------------------------------------------------------- running
 
 
@@ -801,7 +950,11 @@ def run_doctor(
         ]
 
     groups: list[Callable[[], list[Check]]] = [
-        lambda: [check_disk(config, options), check_projection_lag(config, options)],
+        lambda: [
+            check_disk(config, options),
+            check_projection_lag(config, options),
+            check_beat(config, options),
+        ],
         redis_checks,
         lambda: [check_ray(config, options)],
         bus_checks,

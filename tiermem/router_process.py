@@ -46,6 +46,7 @@ def shard_settings(config: StackConfig) -> list[ShardSettings]:
             policy=config.policy,
             log_stream=config.log_stream,
             snapshot_dir=str(Path(config.data_dir) / "snapshots"),
+            pools=config.pools,
         )
         for index in range(config.shards)
     ]

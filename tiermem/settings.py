@@ -33,6 +33,8 @@ import msgspec
 
 from events.errors import TiermemError
 from tiermem.config import StackConfig
+from tiers.base import TIER_NAMES
+from tiers.redis_tier import CLUSTER_SCHEMES, is_cluster_url, parse_cluster_url
 
 __all__ = [
     "COMMAND_LINE",
@@ -256,6 +258,29 @@ _AT_LEAST_1 = _Range(ge=1)
 _POSITIVE = _Range(gt=0)
 _REDIS_URL = _Url(("redis", "rediss", "unix"), "a Redis URL")
 
+
+class _TierRedisUrl(_Url):
+    """A Redis URL, or a Redis Cluster URL whose node list parses."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            ("redis", "rediss", "unix", *CLUSTER_SCHEMES), "a Redis or Redis Cluster URL"
+        )
+
+    def accepts(self, value: Any) -> bool:
+        if not super().accepts(value):
+            return False
+        if not is_cluster_url(value):
+            return True
+        try:
+            parse_cluster_url(value)
+        except ValueError:
+            return False
+        return True
+
+
+_TIER_REDIS_URL = _TierRedisUrl()
+
 # Rules by setting name; `section.*` covers every setting of a section that
 # has no rule of its own. Policy's own check requires >= 1 of every field.
 _RULES: dict[str, _Rule] = {
@@ -283,16 +308,22 @@ _RULES: dict[str, _Rule] = {
     "router.metrics_host": _NonEmpty(),
     "router.metrics_port": _Range(ge=0, le=65535),
     "policy.*": _AT_LEAST_1,
+    **{f"pools.{tier}.min_workers": _Range(ge=0) for tier in TIER_NAMES},
+    **{f"pools.{tier}.max_workers": _AT_LEAST_1 for tier in TIER_NAMES},
+    **{f"pools.{tier}.queue_size": _AT_LEAST_1 for tier in TIER_NAMES},
+    "pools.idle_timeout_s": _POSITIVE,
     "ray_address": _NonEmpty(),
     "shard_resources": _Names(),
     "log_url": _REDIS_URL,
-    "stm_url": _REDIS_URL,
-    "im_url": _REDIS_URL,
+    "stm_url": _TIER_REDIS_URL,
+    "im_url": _TIER_REDIS_URL,
     "log_stream": _NonEmpty(),
     "broker_url": _Url(None, "a URL of the Celery broker"),
     "maintain_interval_s": _POSITIVE,
     "projection_interval_s": _POSITIVE,
     "snapshot_interval_s": _POSITIVE,
+    "erase_interval_s": _POSITIVE,
+    "erase_aof_interval_s": _POSITIVE,
     "celery_concurrency": _AT_LEAST_1,
     "broker_visibility_timeout_s": _AT_LEAST_1,
 }
@@ -342,17 +373,32 @@ _DESCRIPTIONS: dict[str, str] = {
     "policy.ltm_capacity": "Records per namespace that LTM keeps; maintenance evicts the lowest-scored rest.",
     "policy.half_life_ms": "Idle time that halves a record's importance in its retention score, in ms.",
     "policy.access_weight": "Retention score points per bit of a record's access count.",
+    **{
+        f"pools.{tier}.min_workers": f"Worker threads that each shard's {tier.upper()} pool keeps while idle."
+        for tier in TIER_NAMES
+    },
+    **{
+        f"pools.{tier}.max_workers": f"Maximum worker threads of each shard's {tier.upper()} pool. A shard submits at most one task to a pool at a time, so more than 1 stays unused."
+        for tier in TIER_NAMES
+    },
+    **{
+        f"pools.{tier}.queue_size": f"Maximum tasks waiting in each shard's {tier.upper()} pool. A submit to a full queue fails the commit, which the shard then finishes from its redo record."
+        for tier in TIER_NAMES
+    },
+    "pools.idle_timeout_s": "Seconds a pool worker above `min_workers` waits for a task before it exits.",
     "ray_address": "Address of an existing Ray cluster (`HOST:PORT` of its head). Unset: the embedded stack starts a private Ray head.",
     "shard_resources": "Ray custom resources that place the shard actors: one name for every shard, or one name per shard. Each actor requires 0.001 of its resource, so it starts and restarts only on a node that offers it. Unset: Ray places the actors. The variable takes a JSON array or comma-separated names.",
     "log_url": "Redis URL of the event log. Unset: the embedded stack starts a Redis with `appendfsync always`.",
-    "stm_url": "Redis URL of STM. Unset: the embedded stack starts one.",
-    "im_url": "Redis URL of IM. Unset: the embedded stack starts one.",
+    "stm_url": "Redis URL of STM, or `redis+cluster://HOST:PORT[,HOST:PORT...]` for a Redis Cluster. Unset: the embedded stack starts one.",
+    "im_url": "Redis URL of IM, or `redis+cluster://HOST:PORT[,HOST:PORT...]` for a Redis Cluster. Unset: the embedded stack starts one.",
     "allow_everysec": "Accept a log Redis with `appendfsync everysec`, which can lose up to one second of acknowledged events when its host crashes. The embedded log Redis then runs with `everysec`.",
     "log_stream": "Key of the Redis Stream that holds the log.",
     "broker_url": "URL of Celery's broker and result backend. Unset: the embedded stack starts a Redis for it.",
     "maintain_interval_s": "Seconds between the `Maintain` events that beat sends on the low lane.",
     "projection_interval_s": "Seconds between the beat runs that catch the projections up with the log.",
     "snapshot_interval_s": "Seconds between scheduled snapshots of each shard.",
+    "erase_interval_s": "Seconds between erasure passes, which rewrite snapshots and views taken before a Forget and checkpoint SQLite files (see docs/semantics.md); a pass finds nothing to do in one Redis read when no Forget happened.",
+    "erase_aof_interval_s": "Least seconds between the Redis AOF rewrites of scheduled erasure passes, which drop destroyed data keys and deleted values from the append-only files; `tiermem erase` rewrites at once.",
     "celery_concurrency": "Pool processes of the embedded Celery worker.",
     "broker_visibility_timeout_s": "Seconds after which the broker delivers an unacknowledged task again; must exceed the longest task.",
 }
@@ -686,6 +732,13 @@ def _check_together(values: dict[str, Any]) -> list[str]:
                 "give each socket its own port, or 0 for a free one"
             )
         seen.setdefault(port, socket_name)
+    for tier in TIER_NAMES:
+        least, most = values[f"pools.{tier}.min_workers"], values[f"pools.{tier}.max_workers"]
+        if least > most:
+            problems.append(
+                f"pools.{tier}: min_workers {least} exceeds max_workers {most}; "
+                f"lower pools.{tier}.min_workers or raise pools.{tier}.max_workers"
+            )
     return problems
 
 

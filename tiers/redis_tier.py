@@ -10,13 +10,25 @@ tag, so they live in one slot and one MULTI/EXEC may touch all of them:
 
 Namespace and key never contain NUL (`commit` rejects it), so the first NUL
 of a field separates them.
+
+The client is a `redis.Redis` or, for a `redis+cluster://` URL, a
+`redis.cluster.RedisCluster` (see `client_from_url`). On a cluster the hash
+tag puts the three hashes of a tier shard in one slot, so every command,
+MULTI/EXEC and script of a tier goes to that slot's primary. No method scans
+the keyspace: scans read the shard's own hashes with HSCAN, so a tier never
+has to visit the other primaries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 
 from tiers.base import Meta, Record, TierWrites
 from tiers.checks import (
@@ -37,7 +49,17 @@ from tiers.codec import (
 from tiers.digest import digest_sorted_records
 from tiers.errors import CorruptDataError, storage_errors
 
-__all__ = ["RedisTier", "redis_key_prefix"]
+__all__ = [
+    "CLUSTER_SCHEMES",
+    "ClusterAddress",
+    "RedisClient",
+    "RedisTier",
+    "client_from_url",
+    "cluster_node_urls",
+    "is_cluster_url",
+    "parse_cluster_url",
+    "redis_key_prefix",
+]
 
 # Sets the meta of each (field, meta) pair in ARGV only where the value hash
 # contains the field, so a touch never creates metadata without a value. Lua
@@ -52,7 +74,136 @@ end
 return 0
 """
 
-_REDIS_ERRORS = (redis.RedisError,)
+# RedisClusterException is not a RedisError: redis-py raises it when no node
+# serves a slot or when a transaction spans two slots.
+_REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+
+RedisClient = redis.Redis | RedisCluster
+
+# The URL schemes of a Redis Cluster, each with the scheme of its nodes' URLs.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+_CLUSTER_URL_FORM = (
+    "redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][?OPTION=VALUE...]"
+)
+_DEFAULT_PORT = 6379
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """A parsed Redis Cluster URL: startup nodes and the parts all node URLs share.
+
+    `scheme` is `redis` or `rediss`, `userinfo` is `USER:PASSWORD@` or empty,
+    and `query` is `?...` or empty.
+    """
+
+    scheme: str
+    userinfo: str
+    nodes: tuple[tuple[str, int], ...]
+    query: str
+
+    def node_url(self, host: str, port: int) -> str:
+        """Return the URL of one node, with the cluster's credentials and options."""
+        netloc = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{self.userinfo}{netloc}:{port}/0{self.query}"
+
+
+def is_cluster_url(url: str) -> bool:
+    """Return whether `url` names a Redis Cluster, by its scheme."""
+    scheme, separator, _ = url.partition("://")
+    return bool(separator) and scheme.lower() in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterAddress:
+    """Parse a `redis+cluster://` or `rediss+cluster://` URL.
+
+    The URL lists one or more startup nodes, separated by commas, and a
+    node without a port gets 6379. The client learns the other nodes from the
+    first startup node that replies. The path may only be empty or `/0`,
+    because a cluster has database 0 only. Query options apply to the
+    connection of every node, as in a `redis://` URL.
+
+    Raises ValueError naming the invalid part, without the password.
+    """
+    scheme, separator, rest = url.partition("://")
+    node_scheme = CLUSTER_SCHEMES.get(scheme.lower()) if separator else None
+    if node_scheme is None:
+        raise ValueError(
+            f"URL scheme {scheme!r} is not a Redis Cluster scheme: "
+            f"write {_CLUSTER_URL_FORM}"
+        )
+    parts = urlsplit(f"{node_scheme}://{rest}")
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(
+            f"Redis Cluster URL path {parts.path!r} is invalid: a cluster has "
+            "database 0 only, so leave the path empty or write /0"
+        )
+    if parts.fragment:
+        raise ValueError(
+            f"Redis Cluster URL fragment {parts.fragment!r} is invalid: "
+            f"write {_CLUSTER_URL_FORM}"
+        )
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    if not hosts:
+        raise ValueError(f"Redis Cluster URL names no node: write {_CLUSTER_URL_FORM}")
+    nodes = tuple(_parse_node(item) for item in hosts.split(","))
+    return ClusterAddress(
+        scheme=node_scheme,
+        userinfo=f"{credentials}{at}",
+        nodes=nodes,
+        query=f"?{parts.query}" if parts.query else "",
+    )
+
+
+def _parse_node(text: str) -> tuple[str, int]:
+    invalid = (
+        f"Redis Cluster node {text!r} is invalid: write HOST:PORT, "
+        f"as in {_CLUSTER_URL_FORM}"
+    )
+    parts = urlsplit(f"//{text}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(invalid) from None
+    if not parts.hostname or parts.netloc != text:
+        raise ValueError(invalid)
+    return parts.hostname, port or _DEFAULT_PORT
+
+
+def client_from_url(url: str, **options: Any) -> RedisClient:
+    """Create a client of the Redis server or Redis Cluster that `url` names.
+
+    A `redis+cluster://` or `rediss+cluster://` URL (see `parse_cluster_url`)
+    gives a `RedisCluster`, which follows MOVED and ASK redirects. It reads
+    the slot map when it is created, so it raises at once when no startup
+    node replies or some slot has no node. Any other URL gives
+    `redis.Redis.from_url(url)`, which connects at the first command.
+    `options` go to the client, for example `socket_timeout`.
+    """
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, **options)
+    address = parse_cluster_url(url)
+    (host, port), *others = address.nodes
+    startup_nodes = [ClusterNode(other, other_port) for other, other_port in others]
+    return RedisCluster.from_url(
+        address.node_url(host, port), startup_nodes=startup_nodes, **options
+    )
+
+
+def cluster_node_urls(url: str, **options: Any) -> list[str]:
+    """Return the URL of every primary and replica of the Redis Cluster at `url`.
+
+    Each URL carries the credentials and query options of `url`. Nodes that
+    serve no slot are left out, because redis-py learns the nodes from the
+    slot map.
+    """
+    address = parse_cluster_url(url)
+    client = client_from_url(url, **options)
+    try:
+        nodes = sorted((node.host, node.port) for node in client.get_nodes())
+    finally:
+        client.close()
+    return [address.node_url(host, port) for host, port in nodes]
 
 
 def redis_key_prefix(name: str, shard: int) -> str:
@@ -74,9 +225,10 @@ def _split_field(field: bytes) -> tuple[str, str]:
 
 
 class RedisTier:
-    """A `Tier` stored in three hashes of a Redis server.
+    """A `Tier` stored in three hashes of a Redis server or a Redis Cluster.
 
-    `client` must return bytes (`decode_responses=False`). The caller owns it
+    `client` is a `redis.Redis` or a `RedisCluster`, and must return bytes
+    (`decode_responses=False`). The caller owns it
     unless `owns_client` is true, in which case `close` closes it. A commit
     is one MULTI/EXEC, so other clients see all of it or none of it. After a
     crash the AOF holds all of it or none of it too, because Redis (7.0)
@@ -96,7 +248,7 @@ class RedisTier:
     def __init__(
         self,
         name: str,
-        client: redis.Redis,
+        client: RedisClient,
         shard: int,
         *,
         compression: Compression | None = None,
@@ -248,7 +400,11 @@ class RedisTier:
             pipe.hset(self.values_key, mapping=value_fields)
             pipe.hset(self.metas_key, mapping=meta_fields)
         if touch_args:
-            pipe.eval(_TOUCH_SCRIPT, 2, self.values_key, self.metas_key, *touch_args)
+            # redis-py 8.1's ClusterPipeline raises on `eval()`, but queues a raw
+            # EVAL, routed by the slot of its keys, like any other command.
+            pipe.execute_command(
+                "EVAL", _TOUCH_SCRIPT, 2, self.values_key, self.metas_key, *touch_args
+            )
         pipe.hset(self.control_key, mapping=control_sets)
         if control_deletes:
             pipe.hdel(self.control_key, *control_deletes)

@@ -22,6 +22,7 @@ from events.log import RedisEventLog
 from handlers.effects import RedisEffectLog
 from replay.celery_app import PROJECTIONS_TASK, app
 from replay.projections import run_projections
+from tiers.redis_tier import client_from_url
 
 __all__ = ["run"]
 
@@ -33,7 +34,7 @@ def run(self: Task, max_seconds: float | None = None) -> dict[str, Any]:
     """Apply the log's new events to every projection; return the report as a dict."""
     config = self.app.conf.tiermem_stack
     log_client = redis.Redis.from_url(config.log_url)
-    stm_client = redis.Redis.from_url(config.stm_url)
+    stm_client = client_from_url(config.stm_url)
     try:
         report = run_projections(
             Path(config.projections_db),

@@ -17,10 +17,12 @@ import msgspec
 import pytest
 
 from bus.client import Client
-from events.types import Store
+from events.types import Maintain, Store
+from replay.celery_app import slot_number
+from replay.tasks.maintenance import maintenance_event_id
 from tiermem.commands.doctor import add_doctor_parser
 from tiermem.config import StackConfig
-from tiermem.doctor import CHECK_ORDER
+from tiermem.doctor import CHECK_ORDER, DoctorOptions, check_beat
 from tiermem.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -177,6 +179,50 @@ def test_doctor_names_stopped_worker(stack, capsys):
     for name in CELERY_CHECKS:
         assert "no Celery worker consumes" in checks[name]["detail"]
     assert "events behind" in checks["projection_lag"]["detail"]
+
+
+def test_doctor_names_stopped_beat(stack, capsys):
+    stack.stop_beat()
+    try:
+        # Beat's schedule file ages from the moment beat stops, and the check
+        # fails once it is older than twice beat's shortest interval plus a slack.
+        wait_for(
+            lambda: not check_beat(stack.config, DoctorOptions()).ok,
+            timeout=60,
+            what="the beat check to fail",
+        )
+        status, report = doctor(capsys, "--data-dir", str(stack.data_dir))
+    finally:
+        stack.start_beat()
+
+    check = by_name(report)["celery.beat"]
+    assert failed_names(report) == ["celery.beat"]
+    assert status == 1
+    assert "so it has stopped" in check["detail"]
+    assert "celery -A replay.celery_app beat" in check["fix"]
+    assert check_beat(stack.config, DoctorOptions()).ok
+
+
+def test_beat_check_reads_log_elsewhere(stack, tmp_path):
+    """Without beat's schedule file on this host, the check looks for beat's Maintain in the log."""
+    # An interval this stack's beat does not use, so the log contains no
+    # Maintain with its event ids until the test sends one.
+    config = msgspec.structs.replace(stack.config, data_dir=str(tmp_path), maintain_interval_s=7200.0)
+    now = time.time()
+
+    missing = check_beat(config, DoctorOptions(), now=now)
+    slot = slot_number(now, config.maintain_interval_s)
+    with Client(stack.endpoints) as client:
+        (reply,) = client.pipeline(
+            [Maintain(id=maintenance_event_id(config.maintain_interval_s, slot))], lane="low"
+        )
+    found = check_beat(config, DoctorOptions(), now=now)
+
+    assert missing.ok is False
+    assert "no Maintain that beat scheduled is in the log for the last 1000 slots" in missing.detail
+    assert "celery.maintenance" in missing.fix
+    assert found.ok is True
+    assert f"slot {slot} is at seq {reply.seq}" in found.detail
 
 
 def test_doctor_names_hung_shard(stack, capsys):

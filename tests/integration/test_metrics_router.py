@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bus.client import Client
 from bus.dispatch import LocalDispatcher, Waker
 from bus.router import Router, RouterSettings
-from events.types import Ack, Busy, Error, Get, Store, Value
+from events.types import Ack, Busy, Error, Get, Maintain, Store, Value
 from handlers.actor import build_shard
 from handlers.policy import Policy
 from handlers.shard import Shard
@@ -333,6 +333,41 @@ def test_status_and_digest_set_tier_gauges(start_router):
             == item.records
         )
     assert sum(item.keys for item in status.shards) == 5
+
+
+def test_status_sets_pool_metrics(start_router):
+    # STM keeps one record per namespace, so a Maintain moves two of three to IM.
+    router = start_router(shards=1, policy=Policy(stm_capacity=1), settings=METRICS)
+    with router.client() as client:
+        client.pipeline([Store(namespace="pools", key=f"k{i}", value=i) for i in range(3)])
+        client.pipeline([Maintain()])
+
+        def im_committed() -> bool:
+            client.status()
+            samples = scrape(router.router.metrics_url)
+            count = metric(
+                samples, "tiermem_router_shard_pool_tasks_total", shard="0", tier="im", outcome="completed"
+            )
+            return bool(count)
+
+        wait_for(im_committed, timeout=30, what="the IM commit of the Maintain in a Status reply")
+
+    samples = scrape(router.router.metrics_url)
+    (host,) = router.dispatcher.hosts
+    for stats in host.pool_stats():
+        labels = {"shard": "0", "tier": stats.name}
+        for outcome in ("completed", "failed", "rejected", "cancelled"):
+            assert (
+                metric(samples, "tiermem_router_shard_pool_tasks_total", outcome=outcome, **labels)
+                == getattr(stats, outcome)
+            )
+        assert metric(samples, "tiermem_router_shard_pool_max_workers", **labels) == stats.max_workers
+        assert metric(samples, "tiermem_router_shard_pool_workers", **labels) <= stats.max_workers
+        assert 0 <= metric(samples, "tiermem_router_shard_pool_utilization", **labels) <= 1
+        assert metric(samples, "tiermem_router_shard_pool_busy_seconds_total", **labels) <= stats.busy_seconds
+    by_tier = {stats.name: stats for stats in host.pool_stats()}
+    assert by_tier["im"].completed >= 1
+    assert by_tier["stm"].submitted == 0
 
 
 def test_projection_lag_from_checkpoint(own_router):

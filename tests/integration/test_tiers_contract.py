@@ -1,7 +1,8 @@
 """The tier contract, run against every backend, and backend-specific guarantees.
 
 `TestTierContract` runs once per backend: MemoryTier, RedisTier on a private
-redis-server started here, and SqliteTier on a file under tmp_path.
+redis-server started here, RedisTier on the session's 3-primary Redis Cluster
+(the `redis_cluster` fixture), and SqliteTier on a file under tmp_path.
 """
 
 from __future__ import annotations
@@ -32,17 +33,23 @@ from tiers import (
     digest_records,
 )
 from tiers.codec import RAW, ZSTD
+from tiers.redis_tier import RedisClient, client_from_url
 
 pytestmark = pytest.mark.integration
 
 # Small enough that the 5,000-record tests read 50 chunks or pages.
 CHUNK_SIZE = 100
 
-BACKENDS = ("memory", "redis", "sqlite")
+BACKENDS = ("memory", "redis", "redis-cluster", "sqlite")
 
 # The tier each backend serves in production, so each runs with the
-# compression of that tier: none, zstd 3 and zstd 12.
-BACKEND_TIER = {"memory": "stm", "redis": "im", "sqlite": "ltm"}
+# compression of that tier: none, zstd 3, none and zstd 12.
+BACKEND_TIER = {
+    "memory": "stm",
+    "redis": "im",
+    "redis-cluster": "stm",
+    "sqlite": "ltm",
+}
 
 TierFactory = Callable[..., Tier]
 
@@ -95,6 +102,16 @@ def redis_client(redis_server) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def redis_cluster_client(redis_cluster) -> Iterator[RedisClient]:
+    client = client_from_url(redis_cluster.url)
+    # The cluster is private to this test session, and each test that uses
+    # it empties it first.
+    client.flushall(target_nodes=client.PRIMARIES)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def make_tier(request, tmp_path) -> Iterator[TierFactory]:
     """Return a factory of tiers, closed when the test ends."""
     opened: list[Tier] = []
@@ -105,6 +122,9 @@ def make_tier(request, tmp_path) -> Iterator[TierFactory]:
             tier = MemoryTier(name, shard, **options)
         elif backend == "redis":
             client = request.getfixturevalue("redis_client")
+            tier = RedisTier(name, client, shard, chunk_size=CHUNK_SIZE, **options)
+        elif backend == "redis-cluster":
+            client = request.getfixturevalue("redis_cluster_client")
             tier = RedisTier(name, client, shard, chunk_size=CHUNK_SIZE, **options)
         elif backend == "sqlite":
             path = tmp_path / f"{name}-{shard}-{len(opened)}.db"
@@ -481,6 +501,7 @@ def _all_backends(make_tier) -> list[Tier]:
         make_tier("memory", name="stm"),
         make_tier("redis", name="stm", shard=1),
         make_tier("redis", name="im", shard=2),
+        make_tier("redis-cluster", name="im", shard=3),
         make_tier("sqlite", name="ltm"),
     ]
 

@@ -20,6 +20,7 @@ from replay.projections.db import (
 )
 from replay.projections.stats import stats_projection
 from tiermem.config import StackConfig
+from tiers.pools import TierPools
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 LANES = ("high", "normal", "low")
@@ -79,6 +80,7 @@ def router_registry():
         [ShardStatus(shard=0, watermark=3, pid=1, node="local", keys=5)]
     )
     metrics.digests([TierDigest(shard=0, tier="cache", digest="00", records=2)])
+    metrics.shard_pools(0, TierPools().stats())
     metrics.append_seconds.observe(0.001)
     return metrics.registry
 

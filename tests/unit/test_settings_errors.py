@@ -91,7 +91,8 @@ def write_toml(tmp_path: Path, text: str) -> Path:
         (
             "TIERMEM_STM_URL",
             "http://cache:80",
-            'stm_url: expected a Redis URL (redis://, rediss://, unix://), got "http://cache:80"',
+            'stm_url: expected a Redis or Redis Cluster URL (redis://, rediss://, unix://, '
+            'redis+cluster://, rediss+cluster://), got "http://cache:80"',
         ),
         (
             "TIERMEM_BROKER_URL",

@@ -32,7 +32,7 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = DoctorOptions()
     parser = subparsers.add_parser(
         "doctor",
-        help="check Redis settings, Ray, the bus lanes, shard actors, lag and Celery; exit 1 if anything is wrong",
+        help="check Redis settings, Ray, the bus lanes, shard actors, lag, the Celery workers and beat; exit 1 if anything is wrong",
     )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(

@@ -78,6 +78,7 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
     from events.log import RedisEventLog
     from handlers.effects import RedisEffectLog
     from replay.projections import run_projections
+    from tiers.redis_tier import client_from_url
     from tiermem.config import load_stack_config
 
     config = load_stack_config(Path(args.data_dir) / "stack.json")
@@ -86,7 +87,7 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
         Path(config.projections_db),
         RedisEventLog(log_client, stream=config.log_stream),
         RedisEffectLog(log_client),
-        redis.Redis.from_url(config.stm_url or ""),
+        client_from_url(config.stm_url or ""),
         config.shards,
         max_seconds=args.max_seconds,
     )
