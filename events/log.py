@@ -10,7 +10,7 @@ the entries, so the log and its id index never disagree.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
 import msgspec
 import redis
@@ -18,6 +18,7 @@ import structlog
 
 from events.codec import decode_event, encode_event
 from events.errors import LogConfigError, LogError
+from events.seal import APPLY_OPS_LUA, DataKeys, ForgetRecord, SealedStore, open_sealed
 from events.types import AnyEvent, Event
 from events.upcast import CURRENT_VERSIONS, needs_upcast
 
@@ -133,6 +134,7 @@ class RedisEventLog:
         self.stream = stream
         self.ids_key = ids_key
         self.read_batch = read_batch
+        self.data_keys = DataKeys(client, prefix=f"{stream}:dk")
         self._append_script = client.register_script(_APPEND_SCRIPT)
 
     def last_seq(self) -> int:
@@ -149,7 +151,14 @@ class RedisEventLog:
         return [_parse_logged(item) if item is not None else None for item in found]
 
     def append(self, events: Sequence[Event], body_hashes: Sequence[int]) -> list[bytes]:
-        """Append one batch of consecutive events; return each event's encoding."""
+        """Append one batch of consecutive events; return each event's plain encoding.
+
+        The log itself receives every `Store` sealed under its data key
+        (see `events.seal`), and the key-store writes of the batch (new data
+        keys, keys destroyed by unconditional Forgets) happen in the same
+        atomic script as the append. The returned encodings are the plain
+        ones, which the router publishes and sends to the shards.
+        """
         if not events:
             return []
         first = events[0].seq
@@ -162,17 +171,29 @@ class RedisEventLog:
                 raise ValueError(f"a batch must carry consecutive seqs; got {event.seq} at offset {offset} after {first}")
             encoded.append(encode_event(event))
             mapping[event.id.encode()] = f"{event.seq}:{body_hash}".encode()
-        payload = _batch_encoder.encode([msgspec.Raw(item) for item in encoded])
+        plan = self.data_keys.plan(events)
+        logged = [plan.sealed.get(index, item) for index, item in enumerate(encoded)]
+        payload = _batch_encoder.encode([msgspec.Raw(item) for item in logged])
         # The id index travels as one NUL-separated string that the script
         # splits: thousands of separate arguments cost more to send, and ids
         # never contain NUL (the router rejects them).
         index = b"\x00".join(part for item in mapping.items() for part in item)
-        arguments = [first, events[-1].seq, payload, index]
+        arguments = [first, events[-1].seq, payload, index, plan.script_argument()]
         try:
-            self._append_script(keys=[self.stream, self.ids_key], args=arguments)
+            self._append_script(keys=[self.stream, self.ids_key, *self.data_keys.script_keys()], args=arguments)
         except redis.ResponseError as error:
             raise LogError(f"appending events {first}..{events[-1].seq} failed: {error}") from error
+        except BaseException:
+            # The script may or may not have run: the cached data keys are
+            # reloaded from Redis before the next append.
+            self.data_keys.forget_cache()
+            raise
+        self.data_keys.commit(plan)
         return encoded
+
+    def forgets_after(self, seq: int) -> list[ForgetRecord]:
+        """Return every Forget that took effect after `seq`, from the forget ledger."""
+        return self.data_keys.forgets_after(seq)
 
     def index(self, events: Sequence[Event], body_hashes: Sequence[int]) -> None:
         """Write the id index entries of events already in the log (repair after a failed append)."""
@@ -193,7 +214,20 @@ class RedisEventLog:
                         events.append(event)
             last_id = int(entries[-1][0].split(b"-")[0])
             start = f"{last_id + 1}-0"
-        return events
+        return self._open(events)
+
+    def _open(self, events: list[Any]) -> list[Event]:
+        """Replace each sealed Store by its plaintext, or by its placeholder if forgotten."""
+        sealed = [event for event in events if isinstance(event, SealedStore)]
+        if not sealed:
+            return events
+        keys = self.data_keys.data_keys((item.namespace, item.key, item.epoch) for item in sealed)
+        return [
+            open_sealed(event, keys[(event.namespace, event.key, event.epoch)])
+            if isinstance(event, SealedStore)
+            else event
+            for event in events
+        ]
 
     def iter_from(self, after_seq: int, until_seq: int | None = None) -> Iterator[list[Event]]:
         position = after_seq
@@ -212,6 +246,10 @@ class RedisEventLog:
 # XADD it and index its ids. A MULTI/EXEC would run the HSET even when the
 # XADD fails (Redis does not roll back), indexing ids that are not logged.
 _APPEND_SCRIPT = """
+local ops = {}
+if ARGV[5] ~= nil and ARGV[5] ~= '' then
+  ops = cmsgpack.unpack(ARGV[5])
+end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local last_seq = 0
 if #last > 0 then
@@ -233,24 +271,39 @@ redis.call('XADD', KEYS[1], ARGV[2] .. '-0', 'f', ARGV[1], 'e', ARGV[3])
 for i = 1, #fields, 1000 do
   redis.call('HSET', KEYS[2], unpack(fields, i, math.min(i + 999, #fields)))
 end
+""" + APPLY_OPS_LUA + """
 return last_seq
 """
 
 _batch_encoder = msgspec.msgpack.Encoder()
-_batch_decoder = msgspec.msgpack.Decoder(list[AnyEvent])
+_batch_decoder = msgspec.msgpack.Decoder(list[Union[AnyEvent, SealedStore]])
 _raw_batch_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_sealed_decoder = msgspec.msgpack.Decoder(SealedStore)
 
 
-def _decode_batch(payload: bytes) -> list[Event]:
-    """Decode one log entry; entries of older schema versions go through upcasters."""
+def _current(item: Any) -> bool:
+    if isinstance(item, SealedStore):
+        return True  # Its version is checked when it is opened.
+    tag = item.__struct_config__.tag
+    return not needs_upcast(tag, item.v) and item.v <= CURRENT_VERSIONS[tag]
+
+
+def _decode_batch(payload: bytes) -> list[Any]:
+    """Decode one log entry; entries of older schema versions go through upcasters.
+
+    Sealed Stores come back sealed: `RedisEventLog._open` opens a whole
+    read's worth of them with one round trip for their data keys.
+    """
     try:
         events = _batch_decoder.decode(payload)
     except msgspec.ValidationError:
         events = None
-    if events is not None and all(
-        not needs_upcast(event.__struct_config__.tag, event.v)
-        and event.v <= CURRENT_VERSIONS[event.__struct_config__.tag]
-        for event in events
-    ):
+    if events is not None and all(_current(event) for event in events):
         return events
-    return [decode_event(bytes(raw)) for raw in _raw_batch_decoder.decode(payload)]
+    decoded: list[Any] = []
+    for raw in _raw_batch_decoder.decode(payload):
+        try:
+            decoded.append(_sealed_decoder.decode(raw))
+        except msgspec.ValidationError:
+            decoded.append(decode_event(bytes(raw)))
+    return decoded

@@ -116,10 +116,23 @@ class Get(Event, frozen=True, kw_only=True, tag="Get"):
 
 
 class Forget(Event, frozen=True, kw_only=True, tag="Forget"):
-    """Remove a key from every tier; `expected_version` as for `Store`."""
+    """Remove a key, or with `key` unset every key of `namespace`, from every tier.
 
-    key: str
+    A Forget also destroys the data keys that encrypt the forgotten values in
+    the log, so no later replay or point-in-time read can recover them.
+    `expected_version` works as for `Store` and needs a `key`.
+
+    Version history: v1 required `key`; v2 (the current version) lets it be
+    unset, to forget a whole namespace.
+    """
+
+    v: int = 2
+    key: str | None = None
     expected_version: Version | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is None and self.expected_version is not None:
+            raise ValueError("a Forget of a whole namespace takes no expected_version")
 
 
 class Maintain(Event, frozen=True, kw_only=True, tag="Maintain"):

@@ -71,3 +71,9 @@ def _store_v1_to_v2(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(tags, str):
         message["tags"] = [tag.strip() for tag in tags.split(",") if tag.strip()]
     return message
+
+
+@register("Forget", 1)
+def _forget_v1_to_v2(message: dict[str, Any]) -> dict[str, Any]:
+    """Forget v1 always named a key, which v2 reads the same way."""
+    return message

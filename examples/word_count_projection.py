@@ -71,6 +71,10 @@ def count_words(conn: sqlite3.Connection, item: EventWithEffects) -> None:
             "ON CONFLICT (namespace) DO UPDATE SET words = words + excluded.words",
             (event.namespace, count),
         )
+    elif isinstance(event, Forget) and event.key is None:
+        # A Forget of the whole namespace.
+        conn.execute("DELETE FROM word_count_keys WHERE namespace = ?", (event.namespace,))
+        conn.execute("DELETE FROM word_count_totals WHERE namespace = ?", (event.namespace,))
     elif isinstance(event, Forget):
         _remove_key(conn, event.namespace, event.key)
     for effect in item.effects:

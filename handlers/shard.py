@@ -228,7 +228,8 @@ class Shard:
         # A snapshot past the log's end reflects events this log does not contain
         # (another log's, or ones a log lost with its tail), so it is passed over.
         last = self.log.last_seq() if self.log is not None else None
-        return newest_valid(self.snapshot_dir, self.shard, self.fingerprint, max_seq=last)
+        forgets = getattr(self.log, "forgets_after", None)
+        return newest_valid(self.snapshot_dir, self.shard, self.fingerprint, max_seq=last, forgets=forgets)
 
     def load_snapshot(self, snapshot: Snapshot) -> None:
         """Replace the tiers' contents with `snapshot` and load the state from it.
@@ -349,6 +350,7 @@ class Shard:
         try:
             writes, replies = self.state.apply_batch(events)
             if self.state.watermark > before:
+                self._shred(events, before, replies)
                 if self.effect_log is not None:
                     # Before the STM commit: readers take effects only up to
                     # the STM watermark, so these stay unseen until then.
@@ -367,6 +369,28 @@ class Shard:
                 self.log_tag.error("shard.reload.failed", error=repr(error), next="retrying before the next batch")
             raise
         return replayed + replies
+
+    def _shred(self, events: Sequence[Event], before: int, replies: Sequence[Message]) -> None:
+        """Destroy the data keys of each conditional Forget of the batch that took effect.
+
+        Before the commit, so once the Forget is answered its values are
+        unreadable in the log; a crash in between applies the Forget again,
+        which shreds the same keys again and nothing else. Unconditional
+        Forgets were shredded by the router when they were logged.
+        """
+        data_keys = getattr(self.log, "data_keys", None)
+        if data_keys is None:
+            return
+        conflicts = {reply.seq for reply in replies if isinstance(reply, Conflict)}
+        for event in events:
+            if (
+                isinstance(event, Forget)
+                and event.expected_version is not None
+                and event.key is not None
+                and (event.seq or 0) > before
+                and event.seq not in conflicts
+            ):
+                data_keys.shred(event.namespace, event.key, event.seq or 0)
 
     # ----------------------------------------------------------- breaker
 

@@ -335,13 +335,18 @@ class ShardState:
             if conflict is not None:
                 return conflict
         reply = Ack(id=event.id, seq=event.seq or 0) if event.expected_version is not None else None
-        entry = self._entry(event.namespace, event.key)
-        if entry is None:
-            return reply
-        cache_key = (event.namespace, event.key)
-        self._overlays[entry.tier].delete(cache_key)
-        self._drop_entry(*cache_key)
-        self._cache.pop(cache_key, None)
+        if event.key is None:
+            keys = sorted(self._index.get(event.namespace, {}))
+        else:
+            keys = [event.key]
+        for key in keys:
+            entry = self._entry(event.namespace, key)
+            if entry is None:
+                continue
+            cache_key = (event.namespace, key)
+            self._overlays[entry.tier].delete(cache_key)
+            self._drop_entry(*cache_key)
+            self._cache.pop(cache_key, None)
         return reply
 
     # ----------------------------------------------------------- cache

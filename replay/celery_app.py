@@ -71,11 +71,13 @@ TASK_MODULES = (
     "replay.tasks.maintenance",
     "replay.tasks.projections",
     "replay.tasks.replay",
+    "replay.tasks.erase",
 )
 
 MAINTAIN_TASK = "tiermem.maintenance.maintain"
 PROJECTIONS_TASK = "tiermem.projections.run"
 SNAPSHOT_TASK = "tiermem.replay.snapshot_shard"
+ERASE_TASK = "tiermem.maintenance.erase"
 
 # Each queue takes the tasks named `tiermem.<area>.*` and, for tasks left
 # with Celery's default name, those named after their module.
@@ -183,6 +185,13 @@ def celery_settings(config: StackConfig) -> dict[str, Any]:
                 "schedule": timedelta(seconds=config.projection_interval_s),
                 "kwargs": {"max_seconds": max(1.0, config.projection_interval_s * 5)},
                 "options": {"queue": "processing", "expires": config.projection_interval_s * 2},
+            },
+            # Erasure passes rewrite what a Forget could not remove at once;
+            # a pass with nothing new to do is one Redis read.
+            "erase": {
+                "task": ERASE_TASK,
+                "schedule": timedelta(seconds=config.erase_interval_s),
+                "options": {"queue": "maintenance", "expires": config.erase_interval_s * 2},
             },
             **{
                 f"snapshot-{shard}": {

@@ -126,7 +126,14 @@ def replay_shard(
     started = time.monotonic()
     ts = event_ts(event_log, until_seq)
     host = scratch_shard(shard, shards, policy)
-    base = newest_valid(snapshots, shard, host.fingerprint, max_seq=until_seq) if snapshots is not None else None
+    # Values forgotten after a snapshot are erased from it as it loads, so
+    # a view or a new snapshot never brings back what a Forget removed.
+    forgets = getattr(event_log, "forgets_after", None)
+    base = (
+        newest_valid(snapshots, shard, host.fingerprint, max_seq=until_seq, forgets=forgets)
+        if snapshots is not None
+        else None
+    )
     base_seq = 0
     if base is not None:
         host.load_snapshot(base)
@@ -178,19 +185,27 @@ def take_snapshot(
     until_seq: int | None = None,
     *,
     keep: int = DEFAULT_KEEP,
+    progress: Callable[[int], None] | None = None,
 ) -> SnapshotResult:
     """Write the snapshot of `shard` at `until_seq` (default: the log's last seq).
 
     Built from the newest valid snapshot and the log as `replay_shard`
     describes, into `DIR/snapshots/shard-<n>/`. Then all but the newest
     `keep` snapshot files of the shard are deleted. Taking the same
-    snapshot twice leaves the same files.
+    snapshot twice leaves the same files. `progress` is passed to
+    `replay_shard`.
     """
     root = snapshot_root(data_dir)
     if until_seq is None:
         until_seq = event_log.last_seq()
     replayed = replay_shard(
-        event_log, shard=shard, shards=shards, policy=policy, until_seq=until_seq, snapshots=root
+        event_log,
+        shard=shard,
+        shards=shards,
+        policy=policy,
+        until_seq=until_seq,
+        snapshots=root,
+        progress=progress,
     )
     path = snapshot_path(root, shard, until_seq)
     written = replayed.base_seq != until_seq or not path.exists()

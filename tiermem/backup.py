@@ -207,6 +207,28 @@ def _id_chunks(client: redis.Redis, until_seq: int) -> Iterator[_HashChunk]:
         yield _HashChunk(key=IDS_KEY, fields=fields)
 
 
+def _key_store_chunks(client: redis.Redis, config: StackConfig) -> Iterator[_HashChunk]:
+    """Yield the log's key store: every data key hash, the namespace epochs and the forget ledger.
+
+    Without the data keys, the restored log's Stores would all read as
+    forgotten (see `events.seal`). A data key that a Forget destroys while
+    the export runs may still be exported; the Forget is in the log after
+    the backup's position, so a restored stack replays it and destroys the
+    key again. The ledger, a sorted set, travels as member -> score.
+    """
+    data_keys = RedisEventLog(client, stream=config.log_stream).data_keys
+    for name in client.scan_iter(match=f"{data_keys.prefix}:k:*", count=_HSCAN_COUNT):
+        fields = client.hgetall(name)
+        if fields:
+            yield _HashChunk(key=name.decode(), fields=fields)
+    epochs = client.hgetall(data_keys.namespace_epochs)
+    if epochs:
+        yield _HashChunk(key=data_keys.namespace_epochs, fields=epochs)
+    ledger = client.zrange(data_keys.ledger, 0, -1, withscores=True)
+    if ledger:
+        yield _HashChunk(key=data_keys.ledger, fields={member: str(int(score)).encode() for member, score in ledger})
+
+
 def _write_record(output: BinaryIO, record: _StreamChunk | _HashChunk) -> None:
     payload = _chunk_encoder.encode(record)
     output.write(_LENGTH.pack(len(payload)))
@@ -265,6 +287,8 @@ def export_log(client: redis.Redis, config: StackConfig, until_seq: int, path: P
                 for chunk in _stream_chunks(client, key, until_seq):
                     _write_record(output, chunk)
                     counts.effects[key] += len(chunk.entries)
+            for chunk in _key_store_chunks(client, config):
+                _write_record(output, chunk)
         raw.flush()
     return counts
 
@@ -278,13 +302,14 @@ def _exported_keys(config: StackConfig) -> set[bytes]:
 def _warn_unexported(client: redis.Redis, config: StackConfig) -> None:
     """Log the keys of the log Redis that the export leaves out."""
     known = _exported_keys(config)
-    others = sorted(key for key in client.scan_iter(count=1000) if key not in known)
+    key_store = f"{config.log_stream}:dk:".encode()
+    others = sorted(key for key in client.scan_iter(count=1000) if key not in known and not key.startswith(key_store))
     if others:
         log.warning(
             "backup.keys.skipped",
             keys=[key.decode(errors="replace") for key in others[:20]],
             count=len(others),
-            next="the export contains only the log stream, the id index and the effect streams",
+            next="the export contains only the log stream, the id index, the effect streams and the key store",
         )
 
 
@@ -295,6 +320,7 @@ def import_log(client: redis.Redis, path: Path, log_stream: str) -> int:
     effects' positions stay as they were.
     """
     written = 0
+    data_keys = RedisEventLog(client, stream=log_stream).data_keys
     for record in _read_records(path):
         pipe = client.pipeline(transaction=False)
         if isinstance(record, _StreamChunk):
@@ -302,8 +328,16 @@ def import_log(client: redis.Redis, path: Path, log_stream: str) -> int:
                 pipe.xadd(record.key, fields, id=entry_id)
             if record.key == log_stream:
                 written += len(record.entries)
+        elif record.key == data_keys.ledger:
+            pipe.zadd(record.key, {member: int(score) for member, score in record.fields.items()})
         else:
             pipe.hset(record.key, mapping=record.fields)
+            prefix = f"{data_keys.prefix}:k:"
+            if record.key.startswith(prefix):
+                # P:k:LEN:NAMESPACE:KEY; the namespace's key set is rebuilt from it.
+                length, _, rest = record.key[len(prefix):].partition(":")
+                namespace, key = rest[: int(length)], rest[int(length) + 1 :]
+                pipe.sadd(data_keys.namespace_set(namespace), key)
         pipe.execute()
     return written
 

@@ -216,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_snapshot_parser(commands)
 
     from tiermem.commands.backup import add_backup_parser
+    from tiermem.commands.erase import add_erase_parser
 
     add_backup_parser(commands)
+    add_erase_parser(commands)
 
     from tiermem.commands.check import add_check_parser
     from tiermem.commands.console import add_console_parser

@@ -28,14 +28,15 @@ import hashlib
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 import zstandard
 
+from events.limits import value_size
 from tiers.base import TIER_NAMES, Meta, Record, Tier, TierWrites
 from tiers.digest import digest_sorted_records
 from tiers.errors import TierError
@@ -52,8 +53,10 @@ __all__ = [
     "load_into_tiers",
     "newest_valid",
     "prune_snapshots",
+    "rewrite_scrubbed",
     "read_header",
     "read_snapshot",
+    "scrub_snapshot",
     "snapshot_from_tiers",
     "snapshot_path",
     "write_snapshot",
@@ -75,6 +78,9 @@ _LOAD_CHUNK = 5000
 # zstd level 3 is the library's default: a good ratio at a few hundred MB/s,
 # so taking a snapshot is bound by replaying the log, not by compression.
 _ZSTD_LEVEL = 3
+
+# The size of an erased record's value (None), as `Meta.size` counts it.
+_PLACEHOLDER_SIZE = value_size(None)
 
 
 class SnapshotError(TierError):
@@ -211,6 +217,20 @@ def write_snapshot(root: str | Path, snapshot: Snapshot) -> Path:
     path = snapshot_path(root, snapshot.shard, snapshot.watermark)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = encode_snapshot(snapshot)
+    _write_file(path, data)
+    log.info(
+        "snapshot.written",
+        path=str(path),
+        shard=snapshot.shard,
+        watermark=snapshot.watermark,
+        bytes=len(data),
+        **{f"{name}_records": len(snapshot.tiers.get(name, [])) for name in TIER_NAMES},
+    )
+    return path
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a fsynced temporary file and a rename, then fsync the directory."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as output:
@@ -226,15 +246,6 @@ def write_snapshot(root: str | Path, snapshot: Snapshot) -> Path:
         os.fsync(directory)
     finally:
         os.close(directory)
-    log.info(
-        "snapshot.written",
-        path=str(path),
-        shard=snapshot.shard,
-        watermark=snapshot.watermark,
-        bytes=len(data),
-        **{f"{name}_records": len(snapshot.tiers.get(name, [])) for name in TIER_NAMES},
-    )
-    return path
 
 
 def snapshot_from_tiers(
@@ -351,8 +362,75 @@ def read_snapshot(path: str | Path) -> Snapshot:
     )
 
 
+class Forgotten(Protocol):
+    """A Forget that took effect: its seq, namespace, and key (None: the whole namespace)."""
+
+    seq: int
+    namespace: str
+    key: str | None
+
+
+def scrub_snapshot(snapshot: Snapshot, forgets: Sequence[Forgotten]) -> tuple[Snapshot, int]:
+    """Erase from `snapshot` the values of every Forget after its watermark; return it and the count.
+
+    An erased record keeps its key, tier and metadata, with the value None,
+    no tags and the size of None: the record a replay of the log builds once
+    the Forget destroyed the value's data key. Forgets at or below the
+    watermark are already reflected, so they change nothing.
+    """
+    keys: set[tuple[str, str]] = set()
+    namespaces: set[str] = set()
+    for forget in forgets:
+        if forget.seq > snapshot.watermark:
+            if forget.key is None:
+                namespaces.add(forget.namespace)
+            else:
+                keys.add((forget.namespace, forget.key))
+    if not keys and not namespaces:
+        return snapshot, 0
+    erased = 0
+    tiers: dict[str, list[Record]] = {}
+    for name in TIER_NAMES:
+        records = []
+        for record in snapshot.tiers.get(name, []):
+            if record.namespace in namespaces or (record.namespace, record.key) in keys:
+                if record.value is not None or record.meta.tags or record.meta.size != _PLACEHOLDER_SIZE:
+                    record = Record(
+                        record.namespace,
+                        record.key,
+                        None,
+                        msgspec.structs.replace(record.meta, tags=(), size=_PLACEHOLDER_SIZE),
+                    )
+                    erased += 1
+            records.append(record)
+        tiers[name] = records
+    if not erased:
+        return snapshot, 0
+    return msgspec.structs.replace(snapshot, tiers=tiers), erased
+
+
+def rewrite_scrubbed(path: str | Path, forgets: Sequence[Forgotten]) -> int:
+    """Rewrite the snapshot file at `path` without the values `forgets` erased; return how many.
+
+    The new file replaces the old one atomically under the same name, so a
+    crash leaves one or the other. A file that needs no change is left alone.
+    """
+    path = Path(path)
+    snapshot = read_snapshot(path)
+    scrubbed, erased = scrub_snapshot(snapshot, forgets)
+    if erased:
+        _write_file(path, encode_snapshot(scrubbed))
+        log.info("snapshot.scrubbed", path=str(path), shard=snapshot.shard, watermark=snapshot.watermark, erased=erased)
+    return erased
+
+
 def newest_valid(
-    root: str | Path, shard: int, fingerprint: str, *, max_seq: int | None = None
+    root: str | Path,
+    shard: int,
+    fingerprint: str,
+    *,
+    max_seq: int | None = None,
+    forgets: Callable[[int], Sequence[Forgotten]] | None = None,
 ) -> Snapshot | None:
     """Return the newest readable snapshot of `shard` with `fingerprint`, or None.
 
@@ -360,6 +438,9 @@ def newest_valid(
     earlier point, or a log that ends before the file). A corrupt file, one
     of another schema version and one of another fingerprint are skipped
     for the previous file, each with a `snapshot.skipped` warning naming it.
+    With `forgets` (the log's `forgets_after`), the snapshot returned has
+    the values of every later Forget erased, even before the file itself
+    is scrubbed.
     """
     for watermark, path in reversed(list_snapshots(root, shard)):
         if max_seq is not None and watermark > max_seq:
@@ -370,7 +451,10 @@ def newest_valid(
             if header.fingerprint != fingerprint:
                 _skip(path, f"fingerprint {header.fingerprint} differs from the shard's {fingerprint}")
                 continue
-            return read_snapshot(path)
+            snapshot = read_snapshot(path)
+            if forgets is not None:
+                snapshot, _ = scrub_snapshot(snapshot, forgets(snapshot.watermark))
+            return snapshot
         except SnapshotError as error:
             _skip(path, str(error))
         except OSError as error:

@@ -120,6 +120,7 @@ class OnError(StrEnum):
 
 StageFunction = Callable[[sqlite3.Connection, EventWithEffects], None]
 SetupFunction = Callable[[sqlite3.Connection], None]
+FinishFunction = Callable[[sqlite3.Connection, Sequence[EventWithEffects]], None]
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,19 @@ class Pipeline:
     Stages run event by event, so stage 2 reads stage 1's writes for an
     event. Each stage has its own `OnError` policy, and an event that one
     stage skipped still goes through the later stages. Timings are per
-    stage, per `apply` call.
+    stage, per `apply` call. `finish`, when given, runs once per batch
+    after the stages, in the same transaction, for work that is cheaper
+    per batch than per event, such as merging an index. An exception from
+    it fails the batch.
     """
 
-    def __init__(self, name: str, stages: Sequence[Stage]) -> None:
+    def __init__(
+        self,
+        name: str,
+        stages: Sequence[Stage],
+        *,
+        finish: FinishFunction | None = None,
+    ) -> None:
         self.name = check_name(name)
         if not stages:
             raise ProjectionError(f"pipeline {name!r} has no stages: give it at least one")
@@ -165,6 +175,7 @@ class Pipeline:
             seen.add(stage.name)
             OnError(stage.on_error)
         self.stages = tuple(stages)
+        self.finish = finish
 
     def __repr__(self) -> str:
         names = ", ".join(stage.name for stage in self.stages)
@@ -189,6 +200,8 @@ class Pipeline:
                     stage.apply(conn, item)
                 counter.events += 1
                 counter.seconds += time.perf_counter() - started
+        if self.finish is not None and batch:
+            self.finish(conn, batch)
         return [
             StageReport(
                 name=stage.name,

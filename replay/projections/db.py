@@ -4,6 +4,10 @@ Every projection keeps its tables in the same file, next to one checkpoint
 row per projection: the last log sequence number its tables cover. A batch
 writes its rows and its checkpoint in one transaction, so after a crash the
 tables and the checkpoint agree.
+
+Forgotten values leave no copy in the file: writers delete with
+`secure_delete` on, and a batch that applied a `Forget` records a scrub
+request, which `scrub` serves by truncating the WAL after the commit.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import structlog
+
 from replay.projections.errors import DatabaseNotFoundError
+from tiers.sqlite_tier import truncate_wal
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -24,9 +31,13 @@ __all__ = [
     "read_checkpoint",
     "read_checkpoints",
     "read_transaction",
+    "request_scrub",
+    "scrub",
     "write_checkpoint",
     "write_transaction",
 ]
+
+log = structlog.get_logger("tiermem.projections")
 
 # How long a connection waits for another writer (a second runner) to
 # commit before it fails with "database is locked". A batch of 5,000 events
@@ -46,6 +57,10 @@ CREATE TABLE IF NOT EXISTS projection_skips (
     error TEXT NOT NULL,
     PRIMARY KEY (projection, stage, seq)
 );
+CREATE TABLE IF NOT EXISTS projection_scrub (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
 """
 
 
@@ -56,11 +71,14 @@ def connect(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
     explicit `write_transaction` or `read_transaction`. `synchronous=NORMAL`
     is enough for a projection: in WAL mode a power loss can lose the last
     commits, but each one contains its own checkpoint, so the runner simply
-    consumes those events again.
+    consumes those events again. `secure_delete=ON` makes SQLite overwrite
+    deleted rows and freed pages with zeros, so a forgotten memory's text
+    does not stay in free space.
     """
     conn = sqlite3.connect(os.fspath(db_path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA secure_delete=ON")
     return conn
 
 
@@ -129,3 +147,43 @@ def write_checkpoint(conn: sqlite3.Connection, name: str, seq: int, ts: int) -> 
         "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, ts = excluded.ts",
         (name, seq, ts),
     )
+
+
+def request_scrub(conn: sqlite3.Connection, seq: int) -> None:
+    """Record, inside a batch's transaction, that a batch up to `seq` had a `Forget`."""
+    conn.execute(
+        "INSERT INTO projection_scrub (id, seq) VALUES (1, ?) "
+        "ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+        (seq,),
+    )
+
+
+def scrub(conn: sqlite3.Connection, timeout: float) -> bool:
+    """Serve a scrub request: truncate the WAL, then drop the request.
+
+    The WAL keeps the page images of earlier commits, forgotten rows
+    included, until a checkpoint copies them into the file and truncates
+    it. The checkpoint waits up to `timeout` seconds for readers of older
+    snapshots. Returns True when no request is left, and False when a
+    reader kept the WAL from being truncated, so the request stays for the
+    next call. Must run outside a transaction.
+    """
+    row = conn.execute("SELECT seq FROM projection_scrub WHERE id = 1").fetchone()
+    if row is None:
+        return True
+    result = truncate_wal(conn, timeout=timeout)
+    if not result.complete:
+        log.warning(
+            "projection.scrub.incomplete",
+            db=conn.execute("PRAGMA database_list").fetchone()[2],
+            seq=row[0],
+            remaining_frames=result.remaining_frames,
+            next="a reader holds old WAL frames; the next batch or run retries",
+        )
+        return False
+    # A request that another runner recorded meanwhile has a higher seq and stays.
+    conn.execute("DELETE FROM projection_scrub WHERE id = 1 AND seq <= ?", (row[0],))
+    # The delete's own WAL frames are copies of pages already scrubbed, so
+    # this second truncation only empties the WAL, and a reader may block it.
+    truncate_wal(conn, timeout=timeout)
+    return True

@@ -5,6 +5,13 @@ which names no key) and from the shards' effects (`read` with the tier
 that served it, `move` with its target and reason, `delete` with its
 reason). `history` lists one key's entries and `audit` a namespace's since
 a time.
+
+Entries contain key names and event metadata, never values. A search
+query is the client's text, though, and may repeat a value, so every
+`Forget` clears the query text of its namespace's earlier `search`
+entries. A `Forget` of a key keeps the key's earlier entries and adds a
+`forget` entry. A `Forget` of a whole namespace deletes every entry of the
+namespace and leaves one `forget` entry without a key.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ CREATE TABLE IF NOT EXISTS history (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_key ON history (namespace, key, seq, position);
 CREATE INDEX IF NOT EXISTS history_ts ON history (namespace, ts);
+CREATE INDEX IF NOT EXISTS history_queries ON history (namespace) WHERE query IS NOT NULL;
 CREATE TABLE IF NOT EXISTS history_tiers (
     namespace TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -63,9 +71,12 @@ class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
     - `read`: `tier` served it (`cache`, `stm`, `im` or `ltm`), or is None
       when nothing was found.
     - `move`: from `tier` to `target` for `reason` `idle` or `capacity`.
-    - `forget`: `tier` contained the key, None if it did not exist.
+    - `forget`: `tier` contained the key, None if it did not exist. With
+      `key` None, the whole namespace was forgotten, and every earlier
+      entry of the namespace is gone.
     - `delete`: from `tier` for `reason` `expired` or `evicted`.
-    - `search`: no key, and `query` is the text.
+    - `search`: no key, and `query` is the text, None once a later
+      `Forget` in the namespace cleared it.
     - `conflict`: a conditional `Store` or `Forget` that was rejected and
       changed nothing. `reason` is "expected:actual" version.
 
@@ -112,6 +123,22 @@ def _set_tier(conn: sqlite3.Connection, namespace: str, key: str, tier: str | No
         )
 
 
+def _clear_queries(conn: sqlite3.Connection, namespace: str) -> None:
+    # Nothing links a query to the keys it matched, so a Forget of one key
+    # clears every query of the namespace that may have repeated its value.
+    # The partial index `history_queries` finds only the queries not yet
+    # cleared, so a Forget costs the searches since the previous one.
+    conn.execute(
+        "UPDATE history SET query = NULL WHERE namespace = ? AND query IS NOT NULL",
+        (namespace,),
+    )
+
+
+def _forget_namespace(conn: sqlite3.Connection, namespace: str) -> None:
+    conn.execute("DELETE FROM history WHERE namespace = ?", (namespace,))
+    conn.execute("DELETE FROM history_tiers WHERE namespace = ?", (namespace,))
+
+
 def _event_entry(conn: sqlite3.Connection, item: EventWithEffects) -> HistoryEntry | None:
     event = item.event
     if item.conflicted:
@@ -123,6 +150,12 @@ def _event_entry(conn: sqlite3.Connection, item: EventWithEffects) -> HistoryEnt
             namespace=event.namespace, key=event.key, kind="store", tier="stm", **common
         )
     if isinstance(event, Forget):
+        if event.key is None:
+            _forget_namespace(conn, event.namespace)
+            return HistoryEntry(
+                namespace=event.namespace, key=None, kind="forget", **common
+            )
+        _clear_queries(conn, event.namespace)
         tier = _tier_of(conn, event.namespace, event.key)
         _set_tier(conn, event.namespace, event.key, None)
         return HistoryEntry(

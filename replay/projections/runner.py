@@ -12,6 +12,11 @@ that is, its seq is at or below the STM watermark of each such shard. A
 shard writes a batch's effects before that commit, so the effects of a
 readable event are complete. The runner consumes only the readable prefix
 of the log: it stops before the first event that is not readable.
+
+After committing a batch that applied a `Forget`, the runner truncates the
+database's WAL (`db.scrub`), which still contains the forgotten rows'
+old page images. A scrub that a reader blocks is retried after the next batch
+and at the start of the next run.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import redis
 import structlog
 
 from events.log import EventLog
-from events.types import Event, Maintain, Search
+from events.types import Event, Forget, Maintain, Search
 from handlers.effects import Effect, EffectLog
 from handlers.sharding import shard_of
 from replay.projections.base import EventWithEffects, Projection, StageReport
@@ -35,6 +40,8 @@ from replay.projections.db import (
     connect,
     create_core_tables,
     read_checkpoints,
+    request_scrub,
+    scrub,
     write_checkpoint,
     write_transaction,
 )
@@ -56,6 +63,11 @@ log = structlog.get_logger("tiermem.projections")
 
 DEFAULT_BATCH_SIZE = 5000
 """Events per transaction; the log's own read batch is 5,000 too."""
+
+# The maximum wait, in seconds, of a scrub after a Forget for readers
+# (searches) to leave older snapshots of the WAL. Searches read for
+# milliseconds.
+_SCRUB_TIMEOUT_S = 1.0
 
 
 class ProjectionResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -199,6 +211,10 @@ class _Progress:
         )
 
 
+def _has_forget(items: Sequence[EventWithEffects]) -> bool:
+    return any(isinstance(item.event, Forget) and not item.conflicted for item in items)
+
+
 def _apply_batch(
     conn: sqlite3.Connection,
     active: dict[str, Projection],
@@ -209,6 +225,8 @@ def _apply_batch(
 
     A projection whose `apply` raises is rolled back to a savepoint, so the
     others still commit this batch, and it leaves `active` for this run.
+    A batch with a `Forget` also records a scrub request, and after the
+    commit any pending request is served (`db.scrub`).
     """
     end, end_ts = items[-1].seq, items[-1].ts
     with write_transaction(conn):
@@ -242,6 +260,9 @@ def _apply_batch(
                 continue
             conn.execute("RELEASE projection_batch")
             progress[name].add(len(batch), time.perf_counter() - started, stages)
+        if _has_forget(items):
+            request_scrub(conn, end)
+    scrub(conn, _SCRUB_TIMEOUT_S)
 
 
 def run_projections(
@@ -281,6 +302,9 @@ def run_projections(
             create_core_tables(conn)
             for projection in chosen:
                 projection.setup(conn)
+        # A run that stopped before its scrub, or whose scrub a reader
+        # blocked, left the request behind.
+        scrub(conn, _SCRUB_TIMEOUT_S)
 
         watermarks = shard_watermarks(stm_client, shards)
         last_seq = event_log.last_seq()

@@ -1,9 +1,14 @@
 """The search projection: an FTS5 index over the current memories of every tier.
 
 A `Store` indexes the string leaves of its value and its tags (replacing an
-older version of the key), `Forget` and maintenance deletes remove the
-memory, and maintenance moves update its tier. `search` ranks matches with
-BM25; see `replay.projections.text` for how text and queries are split.
+older version of the key), `Forget` (of a key, or of every key of a
+namespace) and maintenance deletes remove the memory, and maintenance moves
+update its tier. `search` ranks matches with BM25; see
+`replay.projections.text` for how text and queries are split.
+
+FTS5 removes a deleted document's words from its index only when the
+segments that contain them are merged, so a batch with a `Forget` ends
+with an FTS5 `optimize`, which merges every segment into one.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 
 import structlog
 import xxhash
@@ -109,6 +115,15 @@ def _delete(conn: sqlite3.Connection, namespace: str, key: str) -> None:
         conn.execute("DELETE FROM search_docs WHERE docid = ?", (docid,))
 
 
+def _delete_namespace(conn: sqlite3.Connection, namespace: str) -> None:
+    conn.execute(
+        "DELETE FROM search_fts WHERE rowid IN "
+        "(SELECT docid FROM search_docs WHERE namespace = ?)",
+        (namespace,),
+    )
+    conn.execute("DELETE FROM search_docs WHERE namespace = ?", (namespace,))
+
+
 def _store(conn: sqlite3.Connection, event: Store) -> None:
     seq, ts = event.seq or 0, event.ts or 0
     expires = ts + event.ttl_s * 1000 if event.ttl_s is not None else None
@@ -142,7 +157,10 @@ def _apply_event(conn: sqlite3.Connection, item: EventWithEffects) -> None:
     if isinstance(event, Store):
         _store(conn, event)
     elif isinstance(event, Forget):
-        _delete(conn, event.namespace, event.key)
+        if event.key is None:
+            _delete_namespace(conn, event.namespace)
+        else:
+            _delete(conn, event.namespace, event.key)
 
 
 def _apply_effects(conn: sqlite3.Connection, item: EventWithEffects) -> None:
@@ -156,6 +174,22 @@ def _apply_effects(conn: sqlite3.Connection, item: EventWithEffects) -> None:
             _delete(conn, effect.namespace, effect.key)
 
 
+def _merge_after_forget(
+    conn: sqlite3.Connection, batch: Sequence[EventWithEffects]
+) -> None:
+    # A deleted document's words stay in the index's segments, with delete
+    # markers in newer segments, until a merge of all of them drops both.
+    # `optimize` rewrites the whole index: about 0.15 s for 100,000 short
+    # documents (19 MB) on the 2-core development machine. So it runs once
+    # per batch, and only after a Forget. A Forget of a key the index no
+    # longer has also runs it, because the words of an earlier maintenance
+    # delete of that key may still be in the segments.
+    # TODO: with SQLite 3.44 or later, the FTS5 `secure-delete` option
+    # removes the words at each delete and makes this merge unnecessary.
+    if any(isinstance(item.event, Forget) and not item.conflicted for item in batch):
+        conn.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+
+
 def search_projection() -> Pipeline:
     """Return a new search projection: stages `documents` (Store, Forget), `tiers` (effects)."""
     return Pipeline(
@@ -164,6 +198,7 @@ def search_projection() -> Pipeline:
             Stage("documents", _apply_event, setup=_create_tables),
             Stage("tiers", _apply_effects),
         ],
+        finish=_merge_after_forget,
     )
 
 

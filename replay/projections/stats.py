@@ -5,7 +5,9 @@ and maintenance moves and deletes. Bytes are the MessagePack size of the
 stored value (`events.limits.value_size`). Reads come from the shards'
 `read` effects: per key (access count, last read) and per namespace by the
 tier that served them. Cache membership is not tracked, because cache
-evictions are not recorded as effects.
+evictions are not recorded as effects. A `Forget` of a key drops its row;
+a `Forget` of a whole namespace drops every row of the namespace, its read
+counts included.
 """
 
 from __future__ import annotations
@@ -145,6 +147,11 @@ def _remove(conn: sqlite3.Connection, namespace: str, key: str) -> None:
     _adjust(conn, namespace, tier, -1, -size)
 
 
+def _remove_namespace(conn: sqlite3.Connection, namespace: str) -> None:
+    for table in ("stats_keys", "stats_tiers", "stats_reads"):
+        conn.execute(f"DELETE FROM {table} WHERE namespace = ?", (namespace,))
+
+
 def _store(conn: sqlite3.Connection, event: Store) -> None:
     ts = event.ts or 0
     size = value_size(event.value)
@@ -181,7 +188,10 @@ def _apply_event(conn: sqlite3.Connection, item: EventWithEffects) -> None:
     if isinstance(event, Store):
         _store(conn, event)
     elif isinstance(event, Forget):
-        _remove(conn, event.namespace, event.key)
+        if event.key is None:
+            _remove_namespace(conn, event.namespace)
+        else:
+            _remove(conn, event.namespace, event.key)
 
 
 def _count_read(conn: sqlite3.Connection, namespace: str, served: str) -> None:

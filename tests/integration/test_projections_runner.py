@@ -297,6 +297,12 @@ def test_word_count_example_runs_with_builtins(start_router, stack):
     # k9 (3); k3 was forgotten, k4 expired and k6 evicted.
     assert example.word_counts(stack.db) == {NS1: 4 + 5 + 3 + 3, NS3: 4}
 
+    with router.client() as client:
+        client.request(Forget(namespace=NS3))
+        client.digest()
+    stack.run(projections=[*builtin_projections(), f"{EXAMPLE}:projection"])
+    assert example.word_counts(stack.db) == {NS1: 4 + 5 + 3 + 3}
+
 
 def _load_example():
     spec = importlib.util.spec_from_file_location("word_count_example", EXAMPLE)

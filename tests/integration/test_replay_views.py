@@ -50,17 +50,17 @@ class History:
         self.points: list[tuple[str, int, int, Value | NotFound]] = []
 
 
-@pytest.fixture
-def history(start_router, servers, tmp_path) -> History:
-    """Store, overwrite and forget one key, reading it back after each step."""
+def record_history(start_router, servers, tmp_path, *, forget: bool) -> History:
+    """Store and overwrite one key, and forget it if `forget`, reading it back after each step."""
     router = start_router(shards=SHARDS, policy=SMALL)
     event_log = servers.event_log()
     recorded = History()
     steps = [
         ("stored", Store(namespace=NAMESPACE, key="plan", value={"text": "buy red apples"}, importance=0.7, tags=["shopping"])),
         ("overwritten", Store(namespace=NAMESPACE, key="plan", value={"text": "buy green pears"}, importance=0.4)),
-        ("forgotten", None),
     ]
+    if forget:
+        steps.append(("forgotten", None))
     with router.client() as client:
         client.pipeline([Store(namespace=f"other-{n}", key=f"k{n}", value=n) for n in range(20)])
         for label, event in steps:
@@ -76,14 +76,26 @@ def history(start_router, servers, tmp_path) -> History:
     return recorded
 
 
+@pytest.fixture
+def history(start_router, servers, tmp_path) -> History:
+    """Store, overwrite and forget the key."""
+    return record_history(start_router, servers, tmp_path, forget=True)
+
+
+@pytest.fixture
+def kept(start_router, servers, tmp_path) -> History:
+    """Store and overwrite the key, which stays."""
+    return record_history(start_router, servers, tmp_path, forget=False)
+
+
 def same_answer(view: Value | NotFound, live: Value | NotFound) -> None:
     """A view answers like live did, apart from the seq of the reply and the request id."""
     assert type(view) is type(live)
     assert msgspec.structs.replace(view, seq=0, id=None) == msgspec.structs.replace(live, seq=0, id=None)
 
 
-def test_to_seq_matches_live(history, tmp_path, capsys):
-    for label, seq, _, live in history.points:
+def test_to_seq_matches_live(kept, tmp_path, capsys):
+    for label, seq, _, live in kept.points:
         status = run(["replay", "--to-seq", str(seq), "--local", "--view", label, "--data-dir", str(tmp_path)])
         capsys.readouterr()
 
@@ -92,14 +104,28 @@ def test_to_seq_matches_live(history, tmp_path, capsys):
         assert status == 0
         assert answer.seq == seq
         same_answer(answer, live)
-    assert isinstance(history.points[0][3], Value)
-    assert history.points[0][3].value == {"text": "buy red apples"}
-    assert isinstance(history.points[2][3], NotFound)
+    assert isinstance(kept.points[0][3], Value)
+    assert kept.points[0][3].value == {"text": "buy red apples"}
+
+
+def test_to_seq_before_a_forget_shows_the_value_erased(history, tmp_path, capsys):
+    """A later Forget erased the values: the points before it read as placeholders."""
+    for label, seq, _, live in history.points:
+        run(["replay", "--to-seq", str(seq), "--local", "--view", label, "--data-dir", str(tmp_path)])
+        capsys.readouterr()
+
+        answer = view_get(tmp_path, label, NAMESPACE, "plan")
+
+        if isinstance(live, Value):
+            same_answer(answer, msgspec.structs.replace(live, value=None, tags=[]))
+        else:
+            same_answer(answer, live)
+    assert [type(point[3]) for point in history.points] == [Value, Value, NotFound]
 
 
 @pytest.mark.parametrize("form", ["ms", "iso"])
-def test_as_of_matches_live(history, tmp_path, capsys, form):
-    for label, seq, ts, live in history.points:
+def test_as_of_matches_live(kept, tmp_path, capsys, form):
+    for label, seq, ts, live in kept.points:
         text = str(ts) if form == "ms" else datetime.datetime.fromtimestamp(ts / 1000, datetime.timezone.utc).isoformat(timespec="milliseconds")
         status = run(["replay", "--as-of", text, "--local", "--view", label, "--json", "--data-dir", str(tmp_path)])
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -121,9 +147,9 @@ def test_as_of_before_first_event_is_empty(history, tmp_path, capsys):
     assert first_ts > 0
 
 
-def test_view_search_at_point(history, tmp_path, capsys):
-    _, stored_seq, _, _ = history.points[0]
-    _, overwritten_seq, _, _ = history.points[1]
+def test_view_search_at_point(kept, tmp_path, capsys):
+    _, stored_seq, _, _ = kept.points[0]
+    _, overwritten_seq, _, _ = kept.points[1]
     run(["replay", "--to-seq", str(stored_seq), "--local", "--view", "early", "--data-dir", str(tmp_path)])
     run(["replay", "--to-seq", str(overwritten_seq), "--local", "--view", "later", "--data-dir", str(tmp_path)])
     capsys.readouterr()
@@ -153,8 +179,8 @@ def test_view_get_does_not_record_access(history, tmp_path, capsys):
     assert [path.read_bytes() for path in snapshot_files] == before
 
 
-def test_print_view_get_exit_status(history, tmp_path, capsys):
-    _, seq, _, _ = history.points[0]
+def test_print_view_get_exit_status(kept, tmp_path, capsys):
+    _, seq, _, _ = kept.points[0]
     run(["replay", "--to-seq", str(seq), "--local", "--view", "cli", "--data-dir", str(tmp_path)])
     capsys.readouterr()
 
@@ -214,8 +240,8 @@ def test_replay_rejects_bad_arguments(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_view_rebuilt_at_other_seq(history, tmp_path, capsys):
-    (_, first_seq, _, first), (_, second_seq, _, second) = history.points[:2]
+def test_view_rebuilt_at_other_seq(kept, tmp_path, capsys):
+    (_, first_seq, _, first), (_, second_seq, _, second) = kept.points[:2]
     run(["replay", "--to-seq", str(first_seq), "--local", "--view", "moving", "--data-dir", str(tmp_path)])
     before = view_get(tmp_path, "moving", NAMESPACE, "plan")
 

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from bus.client import Client
-from events.types import Ack, Error, Forget, Maintain, Results, Search, Store
+from events.types import Ack, Error, Forget, Get, Maintain, Results, Search, Store
 from handlers.policy import Policy
 from tiermem.config import StackConfig
 from tiermem.stack import Stack
@@ -58,6 +58,7 @@ def test_forgotten_and_moved_memories_in_search_and_history(stack):
         writes = [Store(namespace="mover", key=f"k{i}", value=f"pasta number {i}") for i in range(6)]
         client.pipeline(writes)
         client.request(Maintain(namespace="mover"), lane="low")
+        read = client.request(Get(id="reader-7", namespace="mover", key="k0"))
         forgot = client.request(Forget(namespace="mover", key="k5"))
         reply = client.request(Search(namespace="mover", query="pasta", limit=10, min_seq=forgot.seq, wait_ms=30_000))
     tiers = {hit.key: hit.tier for hit in reply.hits}
@@ -78,4 +79,6 @@ def test_forgotten_and_moved_memories_in_search_and_history(stack):
     assert kinds[0] == "store"
     assert "move" in kinds
     assert any(entry.get("reason") in ("capacity", "idle") for entry in entries if entry["kind"] == "move")
+    reads = [entry for entry in entries if entry["kind"] == "read"]
+    assert [(entry["seq"], entry["tier"], entry["request_id"]) for entry in reads] == [(read.seq, read.tier, "reader-7")]
     assert Path(stack.config.projections_db).exists()

@@ -19,7 +19,7 @@ from events.codec import (
 )
 from events.errors import ErrorCode, ProtocolError
 from events.limits import Limits
-from events.types import Ack, Error, Get, Status, Store
+from events.types import Ack, Error, Forget, Get, Status, Store
 
 LIMITS = Limits()
 UINT64_MAX = 2**64 - 1
@@ -232,7 +232,24 @@ def test_unknown_field_rejected(codec):
 
 
 @pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("type_name", ["Get", "Forget", "Store"])
+def test_forget_without_key_is_a_namespace_forget(codec):
+    message, _ = decode_request(encode_map(codec, {"type": "Forget", "namespace": "agent-1"}), LIMITS)
+
+    assert isinstance(message, Forget)
+    assert message.key is None
+    assert message.namespace == "agent-1"
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_namespace_forget_with_expected_version_rejected(codec):
+    error = reject(encode_map(codec, {"type": "Forget", "namespace": "agent-1", "expected_version": 2}))
+
+    assert error.code == ErrorCode.INVALID_FIELD
+    assert "a Forget of a whole namespace takes no expected_version" in error.message
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("type_name", ["Get", "Store"])
 def test_missing_key_rejected(codec, type_name):
     fields: dict[str, Any] = {"type": type_name}
     if type_name == "Store":

@@ -27,7 +27,7 @@ from events.codec import (
     encode_request,
 )
 from events.limits import Limits
-from events.types import EVENT_TYPES, REPLY_TYPES, REQUEST_TYPES, Message, Store
+from events.types import EVENT_TYPES, REPLY_TYPES, REQUEST_TYPES, Forget, Message, Store
 from events.upcast import CURRENT_VERSIONS
 
 LIMITS = Limits()
@@ -126,6 +126,9 @@ def struct_strategy(cls: type[msgspec.Struct]) -> st.SearchStrategy:
             strategy = strategy_for(field.type, field.name)
         (required if field.required else optional)[field.name] = strategy
     fields = st.fixed_dictionaries(required, optional=optional)
+    if cls is Forget:
+        # A Forget of a whole namespace (no key) cannot be conditional.
+        fields = fields.filter(lambda kwargs: kwargs.get("key") is not None or kwargs.get("expected_version") is None)
     return fields.map(lambda kwargs: cls(**kwargs))
 
 

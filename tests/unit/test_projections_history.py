@@ -96,7 +96,7 @@ def test_history_rejected_conditional_write(db_path):
 def test_audit_since_ts(db_path):
     entries = audit(db_path, "a", 500)
     assert [(e.seq, e.kind, e.key) for e in entries] == [(5, "search", None), (6, "forget", "k"), (7, "read", "k"), (8, "forget", "never")]
-    assert entries[0].query == "what is v"
+    assert entries[0].query is None  # the Forget at seq 6 cleared it
 
 
 def test_audit_every_namespace(db_path):
@@ -107,3 +107,93 @@ def test_audit_every_namespace(db_path):
 def test_history_missing_database(tmp_path):
     with pytest.raises(DatabaseNotFoundError):
         history(tmp_path / "absent.db", "a", "k")
+
+
+def apply_batch(path, batch, end_seq, end_ts):
+    projection = history_projection()
+    conn = connect(path)
+    with write_transaction(conn):
+        projection.apply(conn, batch)
+        write_checkpoint(conn, projection.name, end_seq, end_ts)
+    conn.close()
+
+
+def test_history_forget_namespace(db_path):
+    apply_batch(
+        db_path,
+        [
+            EventWithEffects(Store(id="s3", seq=12, ts=1200, namespace="a", key="k", value="v"), ()),
+            EventWithEffects(Forget(id="f5", seq=13, ts=1300, namespace="a"), ()),
+            EventWithEffects(Store(id="s4", seq=14, ts=1400, namespace="a", key="k", value="v"), ()),
+            EventWithEffects(Forget(id="f6", seq=15, ts=1500, namespace="a", key="k"), ()),
+        ],
+        15,
+        1500,
+    )
+
+    assert audit(db_path, "a", 0) == [
+        HistoryEntry(seq=13, position=0, ts=1300, namespace="a", key=None, kind="forget", request_id="f5"),
+        HistoryEntry(seq=14, position=0, ts=1400, namespace="a", key="k", kind="store", tier="stm", request_id="s4"),
+        HistoryEntry(seq=15, position=0, ts=1500, namespace="a", key="k", kind="forget", tier="stm", request_id="f6"),
+    ]
+    assert [entry.seq for entry in history(db_path, "b", "k")] == [9, 10, 11]
+
+
+def test_history_keeps_no_values(tmp_path):
+    path = tmp_path / "projections.db"
+    projection = history_projection()
+    conn = connect(path)
+    with write_transaction(conn):
+        create_core_tables(conn)
+        projection.setup(conn)
+    conn.close()
+    value = {"text": "qzvmarker7731", "list": ["qzvmarker7731"]}
+
+    apply_batch(
+        path,
+        [
+            EventWithEffects(Store(id="s1", seq=1, ts=100, namespace="a", key="k", value=value, tags=["t"]), ()),
+            EventWithEffects(Get(id="g1", seq=2, ts=200, namespace="a", key="k"), (Effect(2, "read", "a", "k", tier="cache", client="g1"),)),
+        ],
+        2,
+        200,
+    )
+
+    conn = connect(path)
+    try:
+        rows = conn.execute("SELECT * FROM history").fetchall() + conn.execute("SELECT * FROM history_tiers").fetchall()
+    finally:
+        conn.close()
+    assert len(rows) == 3
+    assert [row for row in rows if any("qzvmarker7731" in str(column) for column in row)] == []
+
+
+def test_history_query_cleared_by_forget(tmp_path):
+    path = tmp_path / "projections.db"
+    projection = history_projection()
+    conn = connect(path)
+    with write_transaction(conn):
+        create_core_tables(conn)
+        projection.setup(conn)
+    conn.close()
+    first = [
+        EventWithEffects(Search(id="q1", seq=1, ts=100, namespace="a", query="find qzvmarker7731"), ()),
+        EventWithEffects(Search(id="q2", seq=2, ts=200, namespace="b", query="other namespace"), ()),
+    ]
+    apply_batch(path, first, 2, 200)
+    kept = audit(path, None, 0)
+
+    rejected = Forget(id="f1", seq=3, ts=300, namespace="a", key="k", expected_version=2)
+    apply_batch(path, [EventWithEffects(rejected, (Effect(3, "conflict", "a", "k", reason="2:0", client="f1"),))], 3, 300)
+    after_rejected = audit(path, None, 0)
+    apply_batch(path, [EventWithEffects(Forget(id="f2", seq=4, ts=400, namespace="a", key="k"), ())], 4, 400)
+    after_forget = audit(path, None, 0)
+
+    assert [entry.query for entry in kept] == ["find qzvmarker7731", "other namespace"]
+    assert [entry.query for entry in after_rejected][:2] == ["find qzvmarker7731", "other namespace"]
+    assert [(entry.seq, entry.kind, entry.query) for entry in after_forget] == [
+        (1, "search", None),
+        (2, "search", "other namespace"),
+        (3, "conflict", None),
+        (4, "forget", None),
+    ]

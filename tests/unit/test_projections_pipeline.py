@@ -77,6 +77,22 @@ def test_pipeline_reports_each_stage(tmp_path):
     assert all(report.seconds >= 0.0 for report in reports)
 
 
+def test_pipeline_finish_runs_once_after_stages(tmp_path):
+    def finish(conn: sqlite3.Connection, batch) -> None:
+        conn.execute("INSERT INTO seen VALUES ('finish', ?)", (batch[-1].seq,))
+
+    pipeline = Pipeline("finished", [Stage("first", recorder("first"), setup=create_seen)], finish=finish)
+    conn, reports = run(pipeline, stores(3), tmp_path / "p.db")
+    rows = conn.execute("SELECT stage, seq FROM seen ORDER BY rowid").fetchall()
+    empty = pipeline.apply(conn, [])
+    after_empty = conn.execute("SELECT count(*) FROM seen").fetchone()[0]
+    conn.close()
+    assert rows == [("first", 1), ("first", 2), ("first", 3), ("finish", 3)]
+    assert [report.name for report in reports] == ["first"]
+    assert [report.events for report in empty] == [0]
+    assert after_empty == 4
+
+
 def test_pipeline_skip_policy_undoes_and_records(tmp_path):
     pipeline = Pipeline(
         "skipping",

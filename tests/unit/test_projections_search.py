@@ -258,3 +258,26 @@ def test_search_skips_rejected_conditional_write(log):
     log.apply(EventWithEffects(rejected, (conflict,)))
     assert keys(log.db_path, "original") == ["k"]
     assert keys(log.db_path, "replacement") == []
+
+
+def test_search_forget_namespace_removes_all(log):
+    log.apply(
+        log.event(Store, namespace="a", key="k1", value="shared words"),
+        log.event(Store, namespace="a", key="k2", value="shared words", tags=["label"]),
+        log.event(Store, namespace="b", key="k1", value="shared words"),
+    )
+
+    log.apply(log.event(Forget, namespace="a"))
+
+    assert keys(log.db_path, "shared") == []
+    assert keys(log.db_path, "label") == []
+    assert keys(log.db_path, "shared", namespace="b") == ["k1"]
+    conn = connect(log.db_path)
+    try:
+        docs = conn.execute("SELECT count(*) FROM search_docs WHERE namespace = 'a'").fetchone()[0]
+        texts = conn.execute("SELECT count(*) FROM search_fts").fetchone()[0]
+    finally:
+        conn.close()
+    assert docs == 0
+    assert texts == 1
+

@@ -177,3 +177,23 @@ def test_store_over_expired_record_resets_reads(log):
     assert only.access_count == 0
     assert only.last_access_ts is None
     assert tiers_of(log)["stm"] == TierUsage(records=1, bytes=value_size("v2"))
+
+
+def test_stats_forget_namespace_drops_rows(log):
+    for key in ("k1", "k2"):
+        log.store(key, key)
+        log.store(key, key, namespace="b")
+    log.get("k1", "stm")
+    log.get("k1", "cache", namespace="b")
+    log.maintain(("move", "k2", "stm", "im", "idle"))
+
+    log.apply_event(lambda seq, ts: Forget(seq=seq, ts=ts, namespace="a"), ())
+
+    (forgotten,) = stats(log.db_path, "a").namespaces
+    assert forgotten.tiers == {"stm": TierUsage(), "im": TierUsage(), "ltm": TierUsage()}
+    assert forgotten.reads == {}
+    assert hot_keys(log.db_path, "a") == []
+    assert [item.namespace for item in stats(log.db_path).namespaces] == ["b"]
+    (kept,) = stats(log.db_path, "b").namespaces
+    assert kept.tiers["stm"] == TierUsage(records=2, bytes=2 * value_size("k1"))
+    assert kept.reads == {"cache": 1}

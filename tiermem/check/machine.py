@@ -208,6 +208,8 @@ def _ops(settings: CheckSettings) -> dict[str, st.SearchStrategy[Op]]:
         key=keys,
         expected_version=versions,
     )
+    # A Forget without a key: the whole namespace, never conditional.
+    forget_all = st.builds(Op, kind=st.just("forget"), client=clients, namespace=namespaces)
     maintain_scope = (
         st.one_of(st.none(), namespaces) if settings.global_maintain else namespaces
     )
@@ -225,6 +227,7 @@ def _ops(settings: CheckSettings) -> dict[str, st.SearchStrategy[Op]]:
         "store": store,
         "get": get,
         "forget": forget,
+        "forget_all": forget_all,
         "maintain": maintain,
         "search": search,
     }
@@ -474,8 +477,8 @@ def machine_class(settings: CheckSettings) -> type[RuleBasedStateMachine]:
                 return Forget(
                     id=request_id,
                     namespace=namespace or "",
-                    key=op.key or "",
-                    expected_version=op.expected_version,
+                    key=op.key,
+                    expected_version=op.expected_version if op.key is not None else None,
                 )
             if op.kind == "maintain":
                 return Maintain(id=request_id, namespace=namespace)
@@ -871,6 +874,11 @@ def machine_class(settings: CheckSettings) -> type[RuleBasedStateMachine]:
         @rule(ref=written, client=st.integers(0, 2))
         def forget(self, ref: tuple[str, str], client: int) -> None:
             self._one(Op("forget", client, ref[0], ref[1]))
+
+        @rule(op=ops["forget_all"])
+        def forget_namespace(self, op: Op) -> None:
+            """Forget every key of one namespace."""
+            self._one(op)
 
         @rule(
             index=st.integers(0, 63),

@@ -321,9 +321,11 @@ class Model:
             tags=list(record.tags),
         )
 
-    def _forget(self, namespace: str, key: str) -> None:
-        if (namespace, key) in self.records:
-            self._delete((namespace, key))
+    def _forget(self, namespace: str, key: str | None) -> None:
+        # No key: the whole namespace goes.
+        doomed = [item for item in self.records if item[0] == namespace and key in (None, item[1])]
+        for item in doomed:
+            self._delete(item)
 
     def _maintain(self, namespace: str | None, ts: int) -> None:
         present = self.namespaces()
