@@ -122,6 +122,9 @@ class _AdminCall(msgspec.Struct):
     remaining: int
     seq: int
     results: list[Any] = []
+    # For digests: the last seq sent to each shard when the call started,
+    # which each shard's watermark must have reached.
+    expected: dict[int, int] = {}
 
 
 class Router:
@@ -661,7 +664,9 @@ class Router:
             return
         targets = range(shards) if only is None else [only]
         token = self._next_token()
-        call = _AdminCall(pending=pending, kind=kind, remaining=len(targets), seq=self.seq, results=[None] * shards)
+        call = _AdminCall(
+            pending=pending, kind=kind, remaining=len(targets), seq=self.seq, results=[None] * shards, expected=dict(self._last_sent)
+        )
         self._admin[token] = call
         if kind == "rebuild":
             self.log_tag.warning("router.rebuild.started", shards=list(targets), last_seq=self.seq, next="events keep being logged and apply after the rebuild")
@@ -690,10 +695,22 @@ class Router:
             self._reply(call.pending, Rebuilt(id=request_id, seq=call.seq, shards=shards))
         elif call.kind == "digests":
             tiers: list[TierDigest] = []
-            for payload in call.results:
+            for shard, payload in enumerate(call.results):
                 if payload is None:
                     continue
-                _, digests = _digests_type.decode(payload)
+                watermark, digests = _digests_type.decode(payload)
+                behind = call.expected.get(shard, 0)
+                if watermark < behind:
+                    # A paused shard (its breaker is open) has not applied
+                    # every event before the request, so its tiers describe
+                    # an earlier log prefix than `seq`.
+                    self.log_tag.warning("router.digest.shard_behind", shard=shard, watermark=watermark, expected=behind, next="replying unavailable")
+                    message = (
+                        f"shard {shard} has applied events up to seq {watermark} of the {behind} sent to it "
+                        "(its circuit breaker is open or it is catching up); ask again once it resumes"
+                    )
+                    self._reply(call.pending, Error(id=request_id, code=ErrorCode.UNAVAILABLE, message=message))
+                    return
                 tiers.extend(digests)
             self.metrics.digests(tiers)
             self._reply(call.pending, DigestReply(id=request_id, seq=call.seq, tiers=tiers))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from events.types import Ack, Get, Maintain, NotFound, Store, Value
+from bus.client import ClientError
+from events.types import Ack, Digest, DigestReply, Get, Maintain, NotFound, Store, Value
 from handlers.policy import Policy
 from replay.rebuild import compare_digests, rebuild
 from tiermem.servers import wait_until
@@ -59,3 +60,29 @@ def test_breaker_logs_open_and_close(start_router, servers):
     names = [entry["event"] for entry in logs]
     assert "shard.breaker.opened" in names
     assert "shard.breaker.closed" in names
+
+
+def test_digest_unavailable_while_shard_paused(start_router, servers):
+    router = start_router(shards=1, policy=TINY)
+    host = router.dispatcher.hosts[0]
+    # No background resume within the test: the shard stays paused until
+    # the next event it is sent.
+    host.resume_initial_s = 3600.0
+    with router.client(timeout=10) as client:
+        client.pipeline([Store(namespace="c", key=f"k{i}", value=i) for i in range(6)])
+        servers.im.kill()
+        # The pass moves records to IM, which is down: the shard pauses.
+        client.request(Maintain(), lane="low")
+        wait_until(lambda: host.paused, timeout=30, what="the shard to pause")
+        client.pipeline([Store(namespace="c", key=f"late{i}", value=i) for i in range(3)])
+        servers.im.start()
+
+        with pytest.raises(ClientError, match="unavailable: shard 0 has applied events up to seq") as paused:
+            client.request(Digest())
+        client.request(Store(namespace="c", key="wakes", value=1))
+        resumed = client.request(Digest())
+
+    assert paused.value.reply.code == "unavailable"
+    assert isinstance(resumed, DigestReply)
+    rebuilt = rebuild(servers.event_log(), shards=1, policy=TINY, until_seq=resumed.seq)
+    assert compare_digests(resumed.tiers, rebuilt.digests) == []
