@@ -68,7 +68,9 @@ PORT_ENV = "TIERMEM_WORKER_METRICS_PORT"
 HOST_ENV = "TIERMEM_WORKER_METRICS_HOST"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-REPLAY_OPERATIONS = ("verify", "snapshot", "view", "apply")
+# A rebuild (`tiermem replay --apply`) runs in the shard actors or in the
+# command's own process, never in a worker, so it has no operation here.
+REPLAY_OPERATIONS = ("verify", "snapshot", "view")
 """The `operation` label values that the replay tasks use."""
 
 # Seconds. A projection run takes milliseconds when idle and up to five
@@ -150,6 +152,19 @@ class WorkerMetrics:
             self.duration.labels(task=name)
             for state in _FINISHED_STATES:
                 self.tasks.labels(task=name, state=state)
+
+    def precreate_replay(self, shards: int) -> None:
+        """Create the replay series of each operation and shard, so each is exported from 0.
+
+        Each is set rather than only created: in multiprocess mode a
+        `mostrecent` value that was never set has no timestamp, and
+        prometheus-client (0.26) leaves such a value out of a scrape.
+        """
+        for operation in REPLAY_OPERATIONS:
+            for shard in range(shards):
+                labels = {"operation": operation, "shard": str(shard)}
+                for gauge in (self.replay_events_read, self.replay_until_seq, self.replay_running):
+                    gauge.labels(**labels).set(0)
 
     def task_started(self, task_id: str, name: str) -> None:
         with self._lock:
@@ -470,10 +485,11 @@ def _start_endpoint(sender: Any = None, **_: Any) -> None:
     port = _configured_port()
     if port is None or _state.endpoint is not None:
         return
-    registry = _served_registry(sender)
     stack_config = (
         getattr(sender.app.conf, "tiermem_stack", None) if sender is not None else None
     )
+    shards = stack_config.shards if stack_config is not None else 0
+    registry = _served_registry(sender, shards)
     if stack_config is not None:
         registry.register(StackCollector(stack_config))
     host = os.environ.get(HOST_ENV, "").strip() or "127.0.0.1"
@@ -486,8 +502,11 @@ def _start_endpoint(sender: Any = None, **_: Any) -> None:
     )
 
 
-def _served_registry(consumer: Any) -> CollectorRegistry:
-    """Build the registry the endpoint serves, with the task metrics when they can be seen."""
+def _served_registry(consumer: Any, shards: int = 0) -> CollectorRegistry:
+    """Build the registry the endpoint serves, with the task metrics when they can be seen.
+
+    The replay series of `shards` shards are created in advance.
+    """
     task_names = (
         sorted(name for name in consumer.app.tasks if not name.startswith("celery."))
         if consumer
@@ -505,6 +524,7 @@ def _served_registry(consumer: Any) -> CollectorRegistry:
         metrics = worker_metrics()
         if metrics is not None:
             metrics.precreate(task_names)
+            metrics.precreate_replay(shards)
         return registry
     if _forks_pool_processes(consumer):
         log.warning(
@@ -516,6 +536,7 @@ def _served_registry(consumer: Any) -> CollectorRegistry:
     metrics = worker_metrics()
     if metrics is not None:
         metrics.precreate(task_names)
+        metrics.precreate_replay(shards)
     return _state.registry
 
 

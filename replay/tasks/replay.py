@@ -6,6 +6,10 @@ dict. `tiermem replay` and `tiermem snapshot` send one task per shard and
 wait for all of them, so shards run in parallel on as many worker processes
 as there are.
 
+Each task reports its progress in the worker's replay gauges
+(`replay.metrics.replay_progress`), so a scrape of the worker during a run
+shows how many log events it has read and the seq it replays up to.
+
 The app acknowledges a task only after it finishes and runs it again when
 its worker dies, so every task here is idempotent. `verify_shard` only
 reads. `snapshot_shard` with the same `until_seq` leaves the same files,
@@ -23,6 +27,7 @@ from celery import Task
 from events.types import TierDigest
 from replay import engine
 from replay.celery_app import app
+from replay.metrics import replay_progress
 from replay.snapshot import DEFAULT_KEEP, take_snapshot
 
 __all__ = ["QUEUE", "build_view_shard", "snapshot_shard", "verify_shard"]
@@ -60,7 +65,17 @@ def verify_shard(
         if seq is None:
             raise ValueError("seq is missing: pass the seq at which the expected digests were taken")
         digests = msgspec.convert(expected, list[TierDigest])
-    result = engine.verify_shard(target, shard, seq, digests, from_empty=from_empty, max_keys=max_keys)
+    with replay_progress("verify", shard, seq) as progress:
+        result = engine.verify_shard(
+            target,
+            shard,
+            seq,
+            digests,
+            from_empty=from_empty,
+            max_keys=max_keys,
+            progress=progress,
+            redigest=lambda: engine.live_digest(target.data_dir),
+        )
     return msgspec.to_builtins(result)
 
 
@@ -72,9 +87,14 @@ def snapshot_shard(self: Task, shard: int, until_seq: int | None = None, keep: i
     """
     target = _target(self)
     target.check_shard(shard)
-    result = take_snapshot(
-        target.data_dir, target.event_log(), target.shards, target.policy, shard, until_seq, keep=keep
-    )
+    event_log = target.event_log()
+    if until_seq is None:
+        # Resolved here, so the gauges show the position the snapshot is taken at.
+        until_seq = event_log.last_seq()
+    with replay_progress("snapshot", shard, until_seq) as progress:
+        result = take_snapshot(
+            target.data_dir, event_log, target.shards, target.policy, shard, until_seq, keep=keep, progress=progress
+        )
     return msgspec.to_builtins(result)
 
 
@@ -85,5 +105,6 @@ def build_view_shard(self: Task, shard: int, view: str, seq: int) -> dict[str, A
     The view is readable once the caller has written its manifest with
     `engine.write_view_manifest`, after every shard's task has finished.
     """
-    result = engine.build_view_shard(_target(self), view, shard, seq)
+    with replay_progress("view", shard, seq) as progress:
+        result = engine.build_view_shard(_target(self), view, shard, seq, progress=progress)
     return msgspec.to_builtins(result)

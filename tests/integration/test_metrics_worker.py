@@ -36,13 +36,16 @@ from events.types import Get, Store
 from handlers.actor import ShardSettings, build_shard
 from replay.celery_app import PROJECTIONS_TASK, QUEUES, SNAPSHOT_TASK, create_app
 from replay.engine import ReplayError
-from replay.metrics import MULTIPROCESS_ENV, PORT_ENV
+from replay.metrics import MULTIPROCESS_ENV, PORT_ENV, REPLAY_OPERATIONS
 from tiermem.config import StackConfig, write_stack_config
 from tiermem.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RESULT_TIMEOUT_S = 60
+
+VERIFY_TASK = "tiermem.replay.verify_shard"
+VIEW_TASK = "tiermem.replay.build_view_shard"
 
 
 def wait_for(condition, *, timeout: float, what: str):
@@ -308,3 +311,87 @@ def test_tasks_counted_from_pool_processes(setup):
     }
     assert setup.worker.process.pid in pids
     assert pids - {setup.worker.process.pid}
+
+
+# The replay tests below run in file order on the one worker: the first
+# checks the gauges before any replay task ran.
+
+
+def replay_gauges(samples: dict, operation: str, shard: int) -> dict[str, float | None]:
+    labels = {"operation": operation, "shard": str(shard)}
+    return {
+        name: metric(samples, f"tiermem_worker_replay_{name}", **labels)
+        for name in ("events_read", "until_seq", "running")
+    }
+
+
+def store_more(setup: Setup, prefix: str, count: int) -> int:
+    """Store `count` memories over both shards' namespaces; return the log's last seq."""
+    events = [Store(namespace=f"{prefix}{i % 6}", key=f"k{i}", value=i) for i in range(count)]
+    with Client(setup.endpoints, timeout=10) as client:
+        client.pipeline(events)
+        # The router replies to these Gets after the shards applied every Store.
+        client.pipeline([Get(namespace=f"{prefix}{i}", key="k0") for i in range(6)])
+    return setup.event_log.last_seq()
+
+
+def run_replay_task(setup: Setup, task: str, **kwargs) -> tuple[dict, dict]:
+    """Run one replay task; return its result and a scrape that counts it."""
+    result = setup.worker.app.send_task(task, kwargs=kwargs, queue="replay").get(
+        timeout=RESULT_TIMEOUT_S
+    )
+    samples = scrape_when(setup.worker, "tiermem_worker_tasks_total", 1, task=task, state="success")
+    return result, samples
+
+
+def test_replay_gauges_exported_from_zero(setup):
+    samples = setup.worker.scrape()
+    for operation in REPLAY_OPERATIONS:
+        for shard in range(2):
+            gauges = replay_gauges(samples, operation, shard)
+            assert gauges == {"events_read": 0, "until_seq": 0, "running": 0}, (operation, shard)
+
+
+def test_verify_task_reports_progress(setup):
+    store_more(setup, "verify", 40)
+    with Client(setup.endpoints, timeout=10) as client:
+        digest = client.digest()
+    expected = msgspec.to_builtins(digest.tiers)
+
+    result, samples = run_replay_task(setup, VERIFY_TASK, shard=0, seq=digest.seq, expected=expected)
+
+    assert result["verified"] is True
+    assert result["base_seq"] == 0
+    gauges = replay_gauges(samples, "verify", 0)
+    # Without a snapshot the run reads every event up to seq, other shards' too.
+    assert gauges["events_read"] == digest.seq
+    assert gauges["until_seq"] == digest.seq
+    assert gauges["running"] == 0
+    assert replay_gauges(samples, "verify", 1)["until_seq"] == 0
+
+
+def test_snapshot_task_reports_progress(setup):
+    last_seq = store_more(setup, "snap", 30)
+
+    result, samples = run_replay_task(setup, SNAPSHOT_TASK, shard=1)
+
+    assert result["watermark"] == last_seq
+    assert result["written"] is True
+    gauges = replay_gauges(samples, "snapshot", 1)
+    assert gauges["events_read"] == last_seq
+    assert gauges["until_seq"] == last_seq
+    assert gauges["running"] == 0
+
+
+def test_view_task_counts_events_after_snapshot(setup):
+    """A view of shard 1 starts from its snapshot, so only the events after it are read."""
+    snapshot_seq = setup.event_log.last_seq()
+    last_seq = store_more(setup, "view", 25)
+
+    result, samples = run_replay_task(setup, VIEW_TASK, shard=1, view="metrics", seq=last_seq)
+
+    assert result["base_seq"] == snapshot_seq
+    gauges = replay_gauges(samples, "view", 1)
+    assert gauges["events_read"] == last_seq - snapshot_seq
+    assert gauges["until_seq"] == last_seq
+    assert gauges["running"] == 0
