@@ -211,6 +211,14 @@ class ShardVerification(msgspec.Struct, frozen=True, kw_only=True):
     mismatches: list[Mismatch] = []
     differences: list[KeyDifference] = []
     compared_seq: int | None = None
+    # Rebuilds repeated at a newer digest, because a Forget after `seq`
+    # destroyed values the first rebuild needed.
+    retries: int = 0
+
+
+def _forgotten_since(event_log: RedisEventLog, shard: int, shards: int, seq: int) -> int:
+    """Return how many Forgets of this shard's namespaces took effect after `seq`."""
+    return sum(1 for record in event_log.forgets_after(seq) if shard_of(record.namespace, shards) == shard)
 
 
 def verify_shard(
@@ -222,28 +230,46 @@ def verify_shard(
     from_empty: bool = False,
     max_keys: int = DEFAULT_MAX_KEYS,
     progress: Callable[[int], None] | None = None,
+    redigest: Callable[[], tuple[int, Sequence[TierDigest]]] | None = None,
+    attempts: int = 3,
 ) -> ShardVerification:
     """Rebuild `shard` at `seq` and compare it with the live digests `expected`.
 
     `expected` are the digests of a `DigestReply` taken at `seq` (entries of
     other shards are ignored). With `from_empty` the rebuild ignores the
     snapshots and replays the whole log.
+
+    A Forget that took effect after `seq` destroyed the data keys of values
+    live still had at `seq`, so a rebuild at `seq` reads them as erased and
+    cannot match. When that happens and `redigest` is given, the check runs
+    again at a fresh digest from `redigest`, up to `attempts` times in all.
     """
     target.check_shard(shard)
     started = time.monotonic()
-    replayed = replay_shard(
-        target.event_log(),
-        shard=shard,
-        shards=target.shards,
-        policy=target.policy,
-        until_seq=seq,
-        snapshots=None if from_empty else target.snapshots,
-        progress=progress,
-    )
-    mine = [item for item in expected if item.shard == shard]
-    if not mine:
-        raise ReplayError(f"the live digests have no entry for shard {shard}")
-    mismatches = compare_digests(mine, replayed.host.digests())
+    event_log = target.event_log()
+    retries = 0
+    while True:
+        replayed = replay_shard(
+            event_log,
+            shard=shard,
+            shards=target.shards,
+            policy=target.policy,
+            until_seq=seq,
+            snapshots=None if from_empty else target.snapshots,
+            progress=progress,
+        )
+        mine = [item for item in expected if item.shard == shard]
+        if not mine:
+            raise ReplayError(f"the live digests have no entry for shard {shard}")
+        mismatches = compare_digests(mine, replayed.host.digests())
+        if not mismatches or redigest is None or retries + 1 >= attempts:
+            break
+        forgotten = _forgotten_since(event_log, shard, target.shards, seq)
+        if not forgotten:
+            break
+        retries += 1
+        log.info("replay.verify.retrying", shard=shard, seq=seq, forgets=forgotten, next="verifying again at a fresh digest")
+        seq, expected = redigest()
     differences: list[KeyDifference] = []
     compared_seq = None
     if mismatches:
@@ -258,6 +284,7 @@ def verify_shard(
         mismatches=mismatches,
         differences=differences,
         compared_seq=compared_seq,
+        retries=retries,
     )
     if mismatches:
         log.error(

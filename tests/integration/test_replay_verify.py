@@ -189,3 +189,25 @@ def test_verify_command_json_last_line(stack_dir):
     assert {"verified", "events", "events_per_s", "seconds"} <= summary.keys()
     assert "shard 0: verified" in done.stderr
     assert "replay.verify.passed" in done.stderr
+
+
+def test_verify_after_later_forget_retries_at_fresh_digest(stack_dir):
+    from bus.client import Client
+    from handlers.sharding import shard_of
+    from replay.engine import live_digest, load_target, verify_shard
+
+    target = load_target(stack_dir)
+    seq, digests = live_digest(stack_dir)
+    # Forget a key that live still had at `seq`: its data key is destroyed,
+    # so a rebuild at `seq` reads the value as erased.
+    with Client.from_data_dir(stack_dir) as client:
+        client.request(Forget(namespace="ns0", key="k0"))
+    shard = shard_of("ns0", SHARDS)
+
+    stale = verify_shard(target, shard, seq, digests)
+    fresh = verify_shard(target, shard, seq, digests, redigest=lambda: live_digest(stack_dir))
+
+    assert not stale.verified
+    assert fresh.verified
+    assert fresh.retries == 1
+    assert fresh.seq > seq

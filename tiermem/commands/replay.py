@@ -259,7 +259,15 @@ def _verify(args: argparse.Namespace) -> int:
     options = {"seq": seq, "expected": expected, "from_empty": args.from_empty, "max_keys": args.max_keys}
 
     def local(shard: int, kwargs: dict[str, Any]) -> Any:
-        return verify_shard(target, shard, seq, digests, from_empty=args.from_empty, max_keys=args.max_keys)
+        return verify_shard(
+            target,
+            shard,
+            seq,
+            digests,
+            from_empty=args.from_empty,
+            max_keys=args.max_keys,
+            redigest=lambda: live_digest(args.data_dir),
+        )
 
     def describe(result: dict[str, Any]) -> str:
         state = "verified" if result["verified"] else "MISMATCH in " + ", ".join(item["tier"] for item in result["mismatches"])
@@ -267,6 +275,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     results = _run(args, "tiermem.replay.verify_shard", [(shard, options) for shard in shards], local, describe)
     verified = all(result["verified"] for result in results.values())
+    # A shard that had to verify again after a Forget did so at a newer seq.
+    seq = max([seq, *(result["seq"] for result in results.values())])
     summary = _summary(started, results, verified=verified, seq=seq)
     lines = [f"verified: {'true' if verified else 'false'} at seq {seq}"]
     for shard, result in results.items():
