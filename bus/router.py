@@ -333,6 +333,10 @@ class Router:
             except ProtocolError as error:
                 self._reject(pending, error)
                 continue
+            except Exception as error:  # noqa: BLE001 - a decoder bug must not drop the other messages of the batch
+                self.log_tag.error("router.decode.failed", lane=lane, error=repr(error), next="replying internal")
+                self._reject(pending, ProtocolError(ErrorCode.INTERNAL, "the router failed to decode this frame", event_id=_peek_id(payload)))
+                continue
             pending.codec = codec
             if secured:
                 denial = self.gatekeeper.denial(user_id, message)

@@ -148,6 +148,14 @@ def _decode_upcast(frame: bytes, codec: str, header: _Header) -> Message:
         raise ProtocolError(
             ErrorCode.TOO_DEEP, "message is nested too deeply", event_id=header.id
         ) from None
+    except msgspec.DecodeError as error:
+        # The header read, but the whole frame does not (invalid UTF-8 in a
+        # later field, say): the typed decode failed for the same reason.
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"the frame is not valid {_CODEC_NAMES[codec]}: {error}. {_DETECTION_RULE}",
+            event_id=header.id,
+        ) from None
     try:
         lifted = upcast(raw)
     except KeyError:

@@ -49,6 +49,7 @@ from events.codec import decode_reply
 from events.errors import ErrorCode
 from events.schema import schema_document
 from events.types import Busy, Error
+from events.upcast import CURRENT_VERSIONS
 from tiermem.servers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -247,7 +248,8 @@ class CaseGenerator:
         elif choice == 1:
             message.pop("type")
             codes = {ErrorCode.MISSING_FIELD}
-        elif choice == 2 and kind in ("Store", "Get", "Forget"):
+        elif choice == 2 and kind in ("Store", "Get"):
+            # A Forget without a key is valid: it forgets the whole namespace.
             message.pop("key")
             codes = {ErrorCode.MISSING_FIELD}
         elif choice == 3:
@@ -260,7 +262,7 @@ class CaseGenerator:
             # is readable (see test_error_keeps_readable_id).
             reply_id = ANY_ID
         elif choice == 5 and "v" in message:
-            message["v"] = self.rng.choice([0, -1, 3 if kind == "Store" else 2, 1000, 2**63 - 1, -(2**63)])
+            message["v"] = self.rng.choice([0, -1, CURRENT_VERSIONS.get(kind, 1) + 1, 1000, 2**63 - 1, -(2**63)])
             codes = {ErrorCode.UNSUPPORTED_VERSION}
         elif choice == 6 and "namespace" in message:
             message["namespace"] = self.rng.choice(["", "a\x00b", 5, ["fz"]])

@@ -587,3 +587,14 @@ def test_error_encodes_missing_field_as_null():
 
     assert "field" in decoded
     assert decoded["field"] is None
+
+
+def test_old_version_with_invalid_utf8_is_malformed():
+    # The header reads (a Forget v1 needs upcasting), but a later string is
+    # not UTF-8, so the untyped decode of the upcast path fails too.
+    frame = b'{"type":"Forget","v":1,"namespace":"fz","namespae":"\xff","id":"x1"}'
+
+    error = reject(frame)
+
+    assert error.code == ErrorCode.MALFORMED
+    assert error.event_id == "x1"

@@ -13,7 +13,7 @@ digests (every `rebuild_every` steps and at the end).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -549,7 +549,9 @@ def machine_class(settings: CheckSettings) -> type[RuleBasedStateMachine]:
                             f"request {describe(item.out.request)} got {describe(item.reply)} but is not in the log",
                         )
                     continue
-                if body_digest(entry) != body_digest(item.out.request):
+                if body_digest(entry) != body_digest(item.out.request) and not _erased_later(
+                    entry, item.out.request, logged.values()
+                ):
                     self._problem(
                         "log_matches_acks",
                         f"the log holds {describe(entry)} for request {describe(item.out.request)}",
@@ -1008,6 +1010,27 @@ def machine_class(settings: CheckSettings) -> type[RuleBasedStateMachine]:
                 self.target.end(self.written_keys)
 
     return CheckMachine
+
+
+def _erased_later(entry: Event, request: Event, logged: Iterable[Event]) -> bool:
+    """Return whether `entry` is `request` with its value erased by a later Forget in `logged`.
+
+    The log keeps a Store's value only until a Forget of its key or
+    namespace destroys the data key; from then on reading the log gives the
+    Store with value None and no tags.
+    """
+    if not (isinstance(entry, Store) and isinstance(request, Store)):
+        return False
+    erased = msgspec.structs.replace(request, value=None, tags=[])
+    if body_digest(entry) != body_digest(erased):
+        return False
+    return any(
+        isinstance(event, Forget)
+        and event.namespace == entry.namespace
+        and event.key in (None, entry.key)
+        and (event.seq or 0) > (entry.seq or 0)
+        for event in logged
+    )
 
 
 @st.composite
