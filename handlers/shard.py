@@ -145,6 +145,8 @@ class Shard:
         # Set while the in-memory state may disagree with the tiers after a
         # failed apply. `apply` reloads before it applies anything else.
         self._reload_pending = False
+        # The watermark the tiers hold while `_reload_pending` is set.
+        self._committed_watermark = 0
         self.log_tag = structlog.get_logger("tiermem.shard").bind(shard=shard)
 
     # ----------------------------------------------------------- recovery
@@ -362,6 +364,7 @@ class Shard:
             # they are would find a moved record in two tiers, so the redo is
             # finished first and a retry starts from what is committed.
             self._reload_pending = True
+            self._committed_watermark = before
             self.log_tag.error("shard.apply.failed", watermark=before, next="finishing any redo and reloading state from tiers")
             try:
                 self._reload()
@@ -539,6 +542,13 @@ class Shard:
 
     @property
     def watermark(self) -> int:
+        """Return the last seq whose events the tiers hold.
+
+        While a failed batch waits for its reload, the in-memory state may
+        be ahead of the tiers, so the watermark is the one before that batch.
+        """
+        if self._reload_pending:
+            return self._committed_watermark
         return self.state.watermark
 
     def pool_stats(self) -> list[PoolStats]:
