@@ -237,7 +237,10 @@ def test_doctor_names_hung_shard(stack, capsys):
     wait_for(lambda: shard_pids(stack), timeout=60, what="Status after SIGCONT")
 
     checks = by_name(report)
-    assert failed_names(report) == ["shards"]
+    # Beat's Maintain events keep arriving, and the stopped shard cannot
+    # apply them, so apply_lag may fail too; nothing else may.
+    assert failed_names(report)[0] == "shards"
+    assert set(failed_names(report)) <= {"shards", "apply_lag"}
     assert status == 1
     assert "no Status reply" in checks["shards"]["detail"]
     assert "watermarks from STM" in checks["apply_lag"]["detail"]
