@@ -376,9 +376,9 @@ class Shard:
     def _shred(self, events: Sequence[Event], before: int, replies: Sequence[Message]) -> None:
         """Destroy the data keys of each conditional Forget of the batch that took effect.
 
-        Before the commit, so once the Forget is answered its values are
-        unreadable in the log; a crash in between applies the Forget again,
-        which shreds the same keys again and nothing else. Unconditional
+        This runs before the commit, so by the time the Forget's reply is
+        sent its values are unreadable in the log. A crash in between applies
+        the Forget again, which shreds the same keys again and nothing else. Unconditional
         Forgets were shredded by the router when they were logged.
         """
         data_keys = getattr(self.log, "data_keys", None)
