@@ -178,7 +178,7 @@ class RedisEventLog:
         # splits: thousands of separate arguments cost more to send, and ids
         # never contain NUL (the router rejects them).
         index = b"\x00".join(part for item in mapping.items() for part in item)
-        arguments = [first, events[-1].seq, payload, index, plan.script_argument()]
+        arguments = [first, events[-1].seq, payload, index, plan.script_argument(self.data_keys)]
         try:
             self._append_script(keys=[self.stream, self.ids_key, *self.data_keys.script_keys()], args=arguments)
         except redis.ResponseError as error:

@@ -23,13 +23,17 @@ before a Forget still contains the plaintext it forgot, and is rewritten.
 What stays: namespace and key names, the epochs, the ledger, and the fact that
 a Store happened with its size, time and metadata. What goes: the value and
 the tags. Layout in the log's Redis, for prefix P and a namespace N of
-length L:
+length L (KEY never contains NUL, written \0 here):
 
-    P:k:L:N:KEY   hash    "e" -> the key's epoch; "<epoch>" -> data key (256 bits, hex)
-    P:n:L:N       set     the keys of N that have a data key hash
+    P:n:L:N       hash    "s\0KEY" -> "EPOCH[,LIVE...]": the key's epoch and
+                          the epochs whose data keys still exist;
+                          "m\0KEY\0EPOCH" -> data key (256 bits, hex)
     P:ns          hash    N -> the namespace's epoch
     P:forgets     zset    JSON [seq, N, KEY or null], scored by seq
     P:shredded    counter incremented by every destruction
+
+One hash per namespace keeps a batch's key-store writes to a few commands
+per namespace, and a Forget of a namespace to one UNLINK.
 """
 
 from __future__ import annotations
@@ -51,12 +55,6 @@ __all__ = ["DataKeys", "ForgetRecord", "SealPlan", "SealedStore", "open_sealed",
 
 _KEY_BYTES = 32
 _NONCE_BYTES = 12
-
-# Operation codes of the append script (see events.log): one new data key,
-# one key Forget, one namespace Forget.
-OP_NEW_KEY = 1
-OP_FORGET_KEY = 2
-OP_FORGET_NAMESPACE = 3
 
 _encoder = msgspec.msgpack.Encoder()
 _plain_decoder = msgspec.msgpack.Decoder(tuple[Any, list[str]])
@@ -94,27 +92,6 @@ class ForgetRecord(msgspec.Struct, frozen=True, array_like=True):
     key: str | None
 
 
-class SealPlan:
-    """The sealed encodings of one batch and the key-store writes that must go with them.
-
-    Built by `DataKeys.plan` and applied by the log's append script. The
-    router's cache of data keys changes only after the append succeeded
-    (`DataKeys.commit`), so a failed append leaves the cache as it was.
-    """
-
-    __slots__ = ("sealed", "ops", "_keys", "_namespaces", "_forgotten_namespaces")
-
-    def __init__(self) -> None:
-        self.sealed: dict[int, bytes] = {}
-        self.ops: list[list[Any]] = []
-        self._keys: dict[tuple[str, str], _KeyState] = {}
-        self._namespaces: dict[str, int] = {}
-        self._forgotten_namespaces: set[str] = set()
-
-    def script_argument(self) -> bytes:
-        return _encoder.encode(self.ops) if self.ops else b""
-
-
 class _KeyState:
     """The router's cached state of one (namespace, key): its epoch and its live data keys."""
 
@@ -123,6 +100,67 @@ class _KeyState:
     def __init__(self, epoch: int, ciphers: dict[int, AESGCM]) -> None:
         self.epoch = epoch
         self.ciphers = ciphers
+
+    def field(self) -> str:
+        """Return the state field's value: the epoch, then each live epoch."""
+        return ",".join(str(epoch) for epoch in (self.epoch, *sorted(self.ciphers)))
+
+
+class SealPlan:
+    """The sealed encodings of one batch and the key-store writes that must go with them.
+
+    Built by `DataKeys.plan` and applied by the log's append script. The
+    router's cache of data keys changes only after the append succeeded
+    (`DataKeys.commit`), so a failed append leaves the cache as it was.
+    """
+
+    __slots__ = ("sealed", "_keys", "_namespaces", "_forgotten", "_new", "_destroyed", "_ledger")
+
+    def __init__(self) -> None:
+        self.sealed: dict[int, bytes] = {}
+        self._keys: dict[tuple[str, str], _KeyState] = {}
+        # Namespace epochs set by this batch, and the namespaces it forgot.
+        self._namespaces: dict[str, int] = {}
+        self._forgotten: dict[str, int] = {}
+        # Data keys made by this batch (hex), and fields it destroys, per namespace.
+        self._new: dict[tuple[str, str, int], str] = {}
+        self._destroyed: dict[str, set[str]] = {}
+        self._ledger: list[tuple[int, str]] = []
+
+    def script_argument(self, data_keys: DataKeys) -> bytes:
+        """Return the batch's key-store writes, MessagePack for the append script."""
+        if not self._keys and not self._namespaces and not self._ledger:
+            return b""
+        writes: dict[str, list[str]] = {namespace: [] for namespace in self._forgotten}
+        for (namespace, key), state in self._keys.items():
+            forgotten_at = self._forgotten.get(namespace)
+            if forgotten_at is not None and not state.ciphers and state.epoch <= forgotten_at:
+                writes.setdefault(namespace, [])
+                continue  # The namespace epoch says all there is to say.
+            writes.setdefault(namespace, []).extend((_state_field(key), state.field()))
+        for (namespace, key, epoch), material in self._new.items():
+            writes[namespace].extend((_material_field(key, epoch), material))
+        per_namespace = []
+        for namespace, fields in writes.items():
+            forgotten = namespace in self._forgotten
+            destroyed = [] if forgotten else sorted(self._destroyed.get(namespace, ()))
+            per_namespace.append([data_keys.namespace_hash(namespace), 1 if forgotten else 0, destroyed, fields])
+        epochs = [[namespace, str(epoch)] for namespace, epoch in self._namespaces.items()]
+        ledger = [[str(seq), record] for seq, record in self._ledger]
+        return _encoder.encode([per_namespace, epochs, ledger])
+
+
+def _state_field(key: str) -> str:
+    return f"s\x00{key}"
+
+
+def _material_field(key: str, epoch: int) -> str:
+    return f"m\x00{key}\x00{epoch}"
+
+
+def _parse_state(text: bytes) -> tuple[int, list[int]]:
+    epoch, *live = (int(part) for part in text.split(b","))
+    return epoch, live
 
 
 def _length_prefixed(namespace: str) -> str:
@@ -137,12 +175,17 @@ def _aad(namespace: str, key: str, epoch: int, seq: int) -> bytes:
     return _encoder.encode([namespace, key, epoch, seq])
 
 
-def seal(event: Store, epoch: int, cipher: AESGCM) -> bytes:
-    """Return the log encoding of `event` with its value and tags encrypted."""
+def seal(event: Store, epoch: int, cipher: AESGCM, nonce: bytes | None = None) -> bytes:
+    """Return the log encoding of `event` with its value and tags encrypted.
+
+    `nonce` is 12 random bytes, drawn here when not given; a nonce must
+    never repeat under one data key.
+    """
     if event.seq is None or event.ts is None:
         raise ValueError("a Store must carry seq and ts before it is sealed")
     plaintext = _encoder.encode([event.value, event.tags])
-    nonce = os.urandom(_NONCE_BYTES)
+    if nonce is None:
+        nonce = os.urandom(_NONCE_BYTES)
     box = cipher.encrypt(nonce, plaintext, _aad(event.namespace, event.key, epoch, event.seq))
     return _encoder.encode(
         SealedStore(
@@ -213,10 +256,7 @@ class DataKeys:
 
     # ------------------------------------------------------------ names
 
-    def key_hash(self, namespace: str, key: str) -> str:
-        return f"{self.prefix}:k:{_length_prefixed(namespace)}:{key}"
-
-    def namespace_set(self, namespace: str) -> str:
+    def namespace_hash(self, namespace: str) -> str:
         return f"{self.prefix}:n:{_length_prefixed(namespace)}"
 
     @property
@@ -241,66 +281,62 @@ class DataKeys:
         """Seal the batch's Stores and collect the key-store writes, in sequence order."""
         plan = SealPlan()
         self._load(plan, events)
+        # Randomness for the whole batch in one call: one nonce per Store,
+        # and at most one new data key per Store.
+        stores = sum(1 for event in events if isinstance(event, Store))
+        random = os.urandom(stores * (_NONCE_BYTES + _KEY_BYTES))
+        nonces = memoryview(random)[: stores * _NONCE_BYTES]
+        materials = memoryview(random)[stores * _NONCE_BYTES :]
+        drawn = 0
         for index, event in enumerate(events):
             if isinstance(event, Store):
                 state = self._state(plan, event.namespace, event.key)
                 epoch = max(state.epoch, self._namespace_epoch(plan, event.namespace))
                 cipher = state.ciphers.get(epoch)
                 if cipher is None:
-                    material = AESGCM.generate_key(bit_length=_KEY_BYTES * 8)
+                    material = bytes(materials[drawn * _KEY_BYTES : (drawn + 1) * _KEY_BYTES])
                     cipher = AESGCM(material)
                     state.ciphers[epoch] = cipher
-                    plan.ops.append([
-                        OP_NEW_KEY,
-                        self.key_hash(event.namespace, event.key),
-                        self.namespace_set(event.namespace),
-                        event.key,
-                        str(epoch),
-                        material.hex(),
-                    ])
-                plan.sealed[index] = seal(event, epoch, cipher)
+                    plan._new[(event.namespace, event.key, epoch)] = material.hex()
+                nonce = bytes(nonces[drawn * _NONCE_BYTES : (drawn + 1) * _NONCE_BYTES])
+                drawn += 1
+                plan.sealed[index] = seal(event, epoch, cipher, nonce)
             elif isinstance(event, Forget):
-                seq = event.seq or 0
-                if event.key is None:
-                    plan._namespaces[event.namespace] = seq
-                    plan._forgotten_namespaces.add(event.namespace)
-                    # Keys already in the plan lose their data keys too.
-                    for (namespace, _), state in plan._keys.items():
-                        if namespace == event.namespace:
-                            state.ciphers.clear()
-                    plan.ops.append([
-                        OP_FORGET_NAMESPACE,
-                        event.namespace,
-                        self.namespace_set(event.namespace),
-                        f"{self.prefix}:k:{_length_prefixed(event.namespace)}:",
-                        str(seq),
-                        _ledger_entry(ForgetRecord(seq, event.namespace, None)),
-                    ])
-                else:
-                    state = self._state(plan, event.namespace, event.key)
-                    destroy = event.expected_version is None
-                    if destroy:
-                        state.ciphers = {epoch: c for epoch, c in state.ciphers.items() if epoch >= seq}
-                    state.epoch = seq
-                    plan.ops.append([
-                        OP_FORGET_KEY,
-                        self.key_hash(event.namespace, event.key),
-                        str(seq),
-                        1 if destroy else 0,
-                        _ledger_entry(ForgetRecord(seq, event.namespace, event.key)),
-                    ])
+                self._plan_forget(plan, event)
         return plan
+
+    def _plan_forget(self, plan: SealPlan, event: Forget) -> None:
+        seq = event.seq or 0
+        namespace = event.namespace
+        if event.key is None:
+            plan._namespaces[namespace] = seq
+            plan._forgotten[namespace] = seq
+            # Keys already in the plan lose their data keys too; the UNLINK
+            # of the namespace hash covers every earlier field.
+            for (ns, _), state in plan._keys.items():
+                if ns == namespace:
+                    state.ciphers.clear()
+            for item in [item for item in plan._new if item[0] == namespace]:
+                del plan._new[item]
+            plan._destroyed.pop(namespace, None)
+            plan._ledger.append((seq, _ledger_entry(ForgetRecord(seq, namespace, None))))
+            return
+        state = self._state(plan, namespace, event.key)
+        state.epoch = seq
+        if event.expected_version is not None:
+            return  # Its shard decides, and shreds with `shred` if it takes effect.
+        for epoch in [epoch for epoch in state.ciphers if epoch < seq]:
+            del state.ciphers[epoch]
+            if plan._new.pop((namespace, event.key, epoch), None) is None:
+                plan._destroyed.setdefault(namespace, set()).add(_material_field(event.key, epoch))
+        plan._ledger.append((seq, _ledger_entry(ForgetRecord(seq, namespace, event.key))))
 
     def commit(self, plan: SealPlan) -> None:
         """Take the plan's key states into the cache, after its append succeeded."""
-        for namespace in plan._forgotten_namespaces:
+        for namespace in plan._forgotten:
             for cached in [item for item in self._keys if item[0] == namespace]:
                 if cached not in plan._keys:
                     del self._keys[cached]
-            forgotten_at = plan._namespaces[namespace]
-            for item, state in plan._keys.items():
-                if item[0] == namespace:
-                    state.ciphers = {epoch: c for epoch, c in state.ciphers.items() if epoch >= forgotten_at}
         for item, state in plan._keys.items():
             self._keys[item] = state
             self._keys.move_to_end(item)
@@ -318,32 +354,60 @@ class DataKeys:
         self._namespaces.clear()
 
     def _load(self, plan: SealPlan, events: Sequence[Event]) -> None:
-        """Fetch, in one round trip, the states of the batch's keys the cache lacks."""
-        keys: list[tuple[str, str]] = []
-        namespaces: list[str] = []
+        """Fetch the states of the batch's keys and namespaces that the cache lacks."""
+        # Dicts as ordered sets: a batch can name thousands of keys.
+        wanted_keys: dict[tuple[str, str], None] = {}
+        wanted_namespaces: dict[str, None] = {}
         for event in events:
             if isinstance(event, (Store, Forget)):
-                if event.namespace not in self._namespaces and event.namespace not in namespaces:
-                    namespaces.append(event.namespace)
+                if event.namespace not in self._namespaces:
+                    wanted_namespaces[event.namespace] = None
                 if event.key is not None:
                     item = (event.namespace, event.key)
-                    if item not in self._keys and item not in keys:
-                        keys.append(item)
+                    if item not in self._keys:
+                        wanted_keys[item] = None
+        keys = list(wanted_keys)
+        namespaces = list(wanted_namespaces)
         if not keys and not namespaces:
             return
-        pipeline = self.client.pipeline(transaction=False)
+        # One HMGET per namespace for the state fields, and a second round
+        # trip only for keys that have live data keys: a batch of new keys
+        # costs one round trip and a few commands.
+        by_namespace: dict[str, list[str]] = {}
         for namespace, key in keys:
-            pipeline.hgetall(self.key_hash(namespace, key))
+            by_namespace.setdefault(namespace, []).append(key)
+        pipeline = self.client.pipeline(transaction=False)
         if namespaces:
             pipeline.hmget(self.namespace_epochs, namespaces)
-        results = pipeline.execute()
-        for item, fields in zip(keys, results, strict=False):
-            epoch = int(fields.pop(b"e", 0))
-            ciphers = {int(name): AESGCM(bytes.fromhex(material.decode())) for name, material in fields.items()}
-            plan._keys[item] = _KeyState(epoch, ciphers)
+        for namespace, names in by_namespace.items():
+            pipeline.hmget(self.namespace_hash(namespace), [_state_field(key) for key in names])
+        replies = pipeline.execute()
         if namespaces:
-            for namespace, epoch in zip(namespaces, results[-1], strict=True):
-                plan._namespaces[namespace] = int(epoch or 0)
+            for namespace, epoch in zip(namespaces, replies[0], strict=True):
+                # Loaded epochs go straight into the cache: they are what Redis holds.
+                self._namespaces[namespace] = int(epoch or 0)
+            replies = replies[1:]
+        live: list[tuple[tuple[str, str], int, list[int]]] = []
+        for (namespace, names), states in zip(by_namespace.items(), replies, strict=True):
+            for key, state_field in zip(names, states, strict=True):
+                if state_field is None:
+                    plan._keys[(namespace, key)] = _KeyState(0, {})
+                    continue
+                epoch, epochs = _parse_state(state_field)
+                plan._keys[(namespace, key)] = _KeyState(epoch, {})
+                if epochs:
+                    live.append(((namespace, key), epoch, epochs))
+        if not live:
+            return
+        pipeline = self.client.pipeline(transaction=False)
+        for (namespace, key), _, epochs in live:
+            pipeline.hmget(self.namespace_hash(namespace), [_material_field(key, epoch) for epoch in epochs])
+        for (item, _, epochs), materials in zip(live, pipeline.execute(), strict=True):
+            plan._keys[item].ciphers = {
+                epoch: AESGCM(bytes.fromhex(material.decode()))
+                for epoch, material in zip(epochs, materials, strict=True)
+                if material is not None
+            }
 
     def _state(self, plan: SealPlan, namespace: str, key: str) -> _KeyState:
         item = (namespace, key)
@@ -351,7 +415,12 @@ class DataKeys:
         if state is None:
             cached = self._keys[item]
             # Copied, so a failed append leaves the cached state untouched.
-            state = _KeyState(cached.epoch, dict(cached.ciphers))
+            ciphers = dict(cached.ciphers)
+            forgotten_at = plan._forgotten.get(namespace)
+            if forgotten_at is not None:
+                # The batch already forgot the namespace, so these are destroyed.
+                ciphers = {epoch: c for epoch, c in ciphers.items() if epoch >= forgotten_at}
+            state = _KeyState(cached.epoch, ciphers)
             plan._keys[item] = state
         return state
 
@@ -369,7 +438,7 @@ class DataKeys:
         destroys nothing more.
         """
         record = _ledger_entry(ForgetRecord(seq, namespace, key))
-        self._shred_script(keys=[self.key_hash(namespace, key), self.ledger, self.shredded], args=[seq, record])
+        self._shred_script(keys=[self.namespace_hash(namespace), self.ledger, self.shredded], args=[key, seq, record])
 
     # ------------------------------------------------------------ reading
 
@@ -377,16 +446,21 @@ class DataKeys:
         """Return the data key of each (namespace, key, epoch), None where it is destroyed.
 
         Read on every call and never cached, so a reader keeps no data key in
-        memory that a Forget destroyed after its read.
+        memory that a Forget destroyed after its read. One HMGET per namespace.
         """
-        items = list(dict.fromkeys(wanted))
-        if not items:
+        by_namespace: dict[str, list[tuple[str, str, int]]] = {}
+        for item in dict.fromkeys(wanted):
+            by_namespace.setdefault(item[0], []).append(item)
+        if not by_namespace:
             return {}
         pipeline = self.client.pipeline(transaction=False)
-        for namespace, key, epoch in items:
-            pipeline.hget(self.key_hash(namespace, key), str(epoch))
-        found = pipeline.execute()
-        return {item: bytes.fromhex(key.decode()) if key is not None else None for item, key in zip(items, found, strict=True)}
+        for namespace, items in by_namespace.items():
+            pipeline.hmget(self.namespace_hash(namespace), [_material_field(key, epoch) for _, key, epoch in items])
+        found: dict[tuple[str, str, int], bytes | None] = {}
+        for items, materials in zip(by_namespace.values(), pipeline.execute(), strict=True):
+            for item, material in zip(items, materials, strict=True):
+                found[item] = bytes.fromhex(material.decode()) if material is not None else None
+        return found
 
     def forgets_after(self, seq: int) -> list[ForgetRecord]:
         """Return the ledger's Forgets with a sequence number above `seq`, in order."""
@@ -403,48 +477,61 @@ class DataKeys:
         return int(self.client.get(self.shredded) or 0)
 
 
-# KEYS: key hash, ledger, counter. ARGV: the Forget's seq, its ledger record.
+# KEYS: namespace hash, ledger, counter. ARGV: the key, the Forget's seq, its
+# ledger record. Keeps the live epochs at or above seq.
 _SHRED_SCRIPT = """
-local seq = tonumber(ARGV[1])
-local fields = redis.call('HKEYS', KEYS[1])
-for _, field in ipairs(fields) do
-  if field ~= 'e' and tonumber(field) < seq then
-    redis.call('HDEL', KEYS[1], field)
+local seq = tonumber(ARGV[2])
+local state = redis.call('HGET', KEYS[1], 's\0' .. ARGV[1])
+if state then
+  local kept = {}
+  local first = true
+  for epoch in string.gmatch(state, '([^,]+)') do
+    if first then
+      first = false
+      kept[1] = epoch
+    elseif tonumber(epoch) < seq then
+      redis.call('HDEL', KEYS[1], 'm\0' .. ARGV[1] .. '\0' .. epoch)
+    else
+      kept[#kept + 1] = epoch
+    end
   end
+  redis.call('HSET', KEYS[1], 's\0' .. ARGV[1], table.concat(kept, ','))
 end
-redis.call('ZADD', KEYS[2], seq, ARGV[2])
+redis.call('ZADD', KEYS[2], seq, ARGV[3])
 redis.call('INCR', KEYS[3])
-return #fields
+return 1
 """
 
-# The part of the log's append script that applies a SealPlan's operations,
-# in order. Sequence numbers travel as decimal strings: Lua numbers are
-# doubles, exact up to 2^53, which is as far as the comparisons here reach. It expects `ops` (the decoded plan), KEYS[3] the namespace epoch
-# hash, KEYS[4] the ledger and KEYS[5] the counter.
+# The part of the log's append script that applies a SealPlan's writes. It
+# expects `ops` (the decoded plan: per namespace [hash, unlink, fields to
+# delete, field/value pairs to set], namespace epochs, ledger entries),
+# KEYS[3] the namespace epoch hash, KEYS[4] the ledger and KEYS[5] the
+# counter. Sequence numbers travel as decimal strings: Lua numbers are
+# doubles, exact up to 2^53, which is as far as the comparisons here reach.
 APPLY_OPS_LUA = """
-for _, op in ipairs(ops) do
-  local code = op[1]
-  if code == 1 then
-    redis.call('HSETNX', op[2], op[5], op[6])
-    redis.call('SADD', op[3], op[4])
-  elseif code == 2 then
-    redis.call('HSET', op[2], 'e', op[3])
-    if op[4] == 1 then
-      for _, field in ipairs(redis.call('HKEYS', op[2])) do
-        if field ~= 'e' and tonumber(field) < tonumber(op[3]) then
-          redis.call('HDEL', op[2], field)
-        end
-      end
-      redis.call('ZADD', KEYS[4], op[3], op[5])
-      redis.call('INCR', KEYS[5])
+if ops[1] then
+  local destroyed = false
+  for _, op in ipairs(ops[1]) do
+    if op[2] == 1 then
+      redis.call('UNLINK', op[1])
+      destroyed = true
     end
-  elseif code == 3 then
-    redis.call('HSET', KEYS[3], op[2], op[5])
-    for _, member in ipairs(redis.call('SMEMBERS', op[3])) do
-      redis.call('DEL', op[4] .. member)
+    for i = 1, #op[3], 1000 do
+      redis.call('HDEL', op[1], unpack(op[3], i, math.min(i + 999, #op[3])))
+      destroyed = true
     end
-    redis.call('DEL', op[3])
-    redis.call('ZADD', KEYS[4], op[5], op[6])
+    for i = 1, #op[4], 1000 do
+      redis.call('HSET', op[1], unpack(op[4], i, math.min(i + 999, #op[4])))
+    end
+  end
+  for _, epoch in ipairs(ops[2]) do
+    redis.call('HSET', KEYS[3], epoch[1], epoch[2])
+  end
+  for _, entry in ipairs(ops[3]) do
+    redis.call('ZADD', KEYS[4], entry[1], entry[2])
+    destroyed = true
+  end
+  if destroyed then
     redis.call('INCR', KEYS[5])
   end
 end

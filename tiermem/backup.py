@@ -208,7 +208,7 @@ def _id_chunks(client: redis.Redis, until_seq: int) -> Iterator[_HashChunk]:
 
 
 def _key_store_chunks(client: redis.Redis, config: StackConfig) -> Iterator[_HashChunk]:
-    """Yield the log's key store: every data key hash, the namespace epochs and the forget ledger.
+    """Yield the log's key store: every namespace's data key hash, the namespace epochs and the forget ledger.
 
     Without the data keys, the restored log's Stores would all read as
     forgotten (see `events.seal`). A data key that a Forget destroys while
@@ -217,7 +217,7 @@ def _key_store_chunks(client: redis.Redis, config: StackConfig) -> Iterator[_Has
     key again. The ledger, a sorted set, travels as member -> score.
     """
     data_keys = RedisEventLog(client, stream=config.log_stream).data_keys
-    for name in client.scan_iter(match=f"{data_keys.prefix}:k:*", count=_HSCAN_COUNT):
+    for name in client.scan_iter(match=f"{data_keys.prefix}:n:*", count=_HSCAN_COUNT):
         fields = client.hgetall(name)
         if fields:
             yield _HashChunk(key=name.decode(), fields=fields)
@@ -332,12 +332,6 @@ def import_log(client: redis.Redis, path: Path, log_stream: str) -> int:
             pipe.zadd(record.key, {member: int(score) for member, score in record.fields.items()})
         else:
             pipe.hset(record.key, mapping=record.fields)
-            prefix = f"{data_keys.prefix}:k:"
-            if record.key.startswith(prefix):
-                # P:k:LEN:NAMESPACE:KEY; the namespace's key set is rebuilt from it.
-                length, _, rest = record.key[len(prefix):].partition(":")
-                namespace, key = rest[: int(length)], rest[int(length) + 1 :]
-                pipe.sadd(data_keys.namespace_set(namespace), key)
         pipe.execute()
     return written
 

@@ -131,3 +131,25 @@ def test_gets_and_forgets_unsealed(appender):
     get, forget = appender.log.read(0, 10)
     assert isinstance(get, Get) and isinstance(forget, Forget)
     assert forget.key == "k"
+
+
+def test_namespace_forget_after_cached_store(appender):
+    appender.append(Store(namespace="agent", key="a", value="one"))
+    # The router's cache knows "a"; the batch forgets the namespace and
+    # stores "a" again, which must get a fresh data key.
+    appender.append(Forget(namespace="agent"), Store(namespace="agent", key="a", value="two"))
+
+    values = [e.value for e in appender.log.read(0, 10) if isinstance(e, Store)]
+    assert values == [None, "two"]
+    fields = appender.client.hgetall(appender.log.data_keys.namespace_hash("agent"))
+    assert sorted(fields) == [b"m\x00a\x002", b"s\x00a"]
+
+
+def test_key_forget_leaves_only_live_fields(appender):
+    appender.append(Store(namespace="n", key="k", value=1), Store(namespace="n", key="other", value=2))
+    appender.append(Forget(namespace="n", key="k"))
+
+    fields = appender.client.hgetall(appender.log.data_keys.namespace_hash("n"))
+    assert fields[b"s\x00k"] == b"3"
+    assert b"m\x00k\x000" not in fields
+    assert b"m\x00other\x000" in fields
