@@ -15,6 +15,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 import msgspec
 import redis
 import structlog
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from events.codec import decode_event, encode_event
 from events.errors import LogConfigError, LogError
@@ -222,8 +223,10 @@ class RedisEventLog:
         if not sealed:
             return events
         keys = self.data_keys.data_keys((item.namespace, item.key, item.epoch) for item in sealed)
+        # One cipher per data key for this read: building one costs more than a decryption.
+        ciphers = {item: AESGCM(key) for item, key in keys.items() if key is not None}
         return [
-            open_sealed(event, keys[(event.namespace, event.key, event.epoch)])
+            open_sealed(event, ciphers.get((event.namespace, event.key, event.epoch)))
             if isinstance(event, SealedStore)
             else event
             for event in events

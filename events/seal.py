@@ -206,19 +206,36 @@ def seal(event: Store, epoch: int, cipher: AESGCM, nonce: bytes | None = None) -
     )
 
 
-def open_sealed(sealed: SealedStore, data_key: bytes | None) -> Store:
-    """Return the `Store` inside `sealed`, or its placeholder when the data key is gone."""
+def open_sealed(sealed: SealedStore, data_key: bytes | AESGCM | None) -> Store:
+    """Return the `Store` inside `sealed`, or its placeholder when the data key is gone.
+
+    `data_key` may be given as an `AESGCM` built from it, which a caller
+    opening many entries of one key reuses.
+    """
     value: Any = None
     tags: list[str] = []
     if data_key is not None:
+        cipher = data_key if isinstance(data_key, AESGCM) else AESGCM(data_key)
         try:
-            plaintext = AESGCM(data_key).decrypt(
-                sealed.nonce, sealed.box, _aad(sealed.namespace, sealed.key, sealed.epoch, sealed.seq)
-            )
+            plaintext = cipher.decrypt(sealed.nonce, sealed.box, _aad(sealed.namespace, sealed.key, sealed.epoch, sealed.seq))
         except InvalidTag:
             pass  # A data key of the same name made after a Forget: the value is gone.
         else:
             value, tags = _plain_decoder.decode(plaintext)
+    if not needs_upcast("Store", sealed.v):
+        return Store(
+            id=sealed.id,
+            v=sealed.v,
+            namespace=sealed.namespace,
+            seq=sealed.seq,
+            ts=sealed.ts,
+            key=sealed.key,
+            value=value,
+            importance=sealed.importance,
+            tags=tags,
+            ttl_s=sealed.ttl_s,
+            expected_version=sealed.expected_version,
+        )
     fields = {
         "type": "Store",
         "id": sealed.id,
@@ -233,9 +250,7 @@ def open_sealed(sealed: SealedStore, data_key: bytes | None) -> Store:
         "ttl_s": sealed.ttl_s,
         "expected_version": sealed.expected_version,
     }
-    if needs_upcast("Store", sealed.v):
-        fields = upcast(fields)
-    return msgspec.convert(fields, Store)
+    return msgspec.convert(upcast(fields), Store)
 
 
 class DataKeys:
