@@ -23,6 +23,7 @@ from events.errors import ErrorCode, TiermemError
 from events.types import (
     Ack,
     Busy,
+    Conflict,
     Digest,
     DigestReply,
     Error,
@@ -254,24 +255,34 @@ class Client:
 
     # ----------------------------------------------------------- helpers
 
-    def store(self, key: str, value: Any, *, namespace: str = "default", lane: str = "normal", **fields: Any) -> Ack:
-        reply = self.request(Store(key=key, value=value, namespace=namespace, **fields), lane=lane)
-        assert isinstance(reply, Ack)
-        return reply
+    def store(self, key: str, value: Any, *, namespace: str = "default", lane: str = "normal", **fields: Any) -> Ack | Conflict:
+        """Store a value; a conditional Store (`expected_version=`) may return `Conflict`."""
+        return self._expect(self.request(Store(key=key, value=value, namespace=namespace, **fields), lane=lane), Ack, Conflict)
 
     def get(self, key: str, *, namespace: str = "default", lane: str = "normal") -> Value | NotFound:
-        reply = self.request(Get(key=key, namespace=namespace), lane=lane)
-        assert isinstance(reply, (Value, NotFound))
-        return reply
+        return self._expect(self.request(Get(key=key, namespace=namespace), lane=lane), Value, NotFound)
 
-    def forget(self, key: str, *, namespace: str = "default", lane: str = "normal") -> Ack:
-        reply = self.request(Forget(key=key, namespace=namespace), lane=lane)
-        assert isinstance(reply, Ack)
-        return reply
+    def forget(
+        self, key: str, *, namespace: str = "default", lane: str = "normal", expected_version: int | None = None
+    ) -> Ack | Conflict:
+        """Forget one key; with `expected_version`, only at that version (else `Conflict`)."""
+        if key is None:
+            raise ValueError("forget() needs a key: use forget_namespace() to forget a whole namespace")
+        forget = Forget(key=key, namespace=namespace, expected_version=expected_version)
+        return self._expect(self.request(forget, lane=lane), Ack, Conflict)
+
+    def forget_namespace(self, namespace: str, *, lane: str = "normal") -> Ack:
+        """Forget every key of `namespace`, in every tier and in the log."""
+        return self._expect(self.request(Forget(namespace=namespace), lane=lane), Ack)
 
     def maintain(self, *, namespace: str | None = None, lane: str = "low") -> Ack:
-        reply = self.request(Maintain(namespace=namespace), lane=lane)
-        assert isinstance(reply, Ack)
+        return self._expect(self.request(Maintain(namespace=namespace), lane=lane), Ack)
+
+    @staticmethod
+    def _expect(reply: Message, *types: type) -> Any:
+        if not isinstance(reply, types):
+            names = " or ".join(cls.__name__ for cls in types)
+            raise TiermemError(f"the router replied {type(reply).__name__} where {names} was expected: {reply!r}")
         return reply
 
     def status(self) -> StatusReply:

@@ -69,6 +69,8 @@ _msgpack_header = msgspec.msgpack.Decoder(_Header)
 _PATH = re.compile(r"at `(\$[^`]*)`")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]*)`")
+# The message of Forget.__post_init__, which msgspec reports without a path.
+_NAMESPACE_FORGET = "a Forget of a whole namespace takes no expected_version"
 _NOT_A_MAP = re.compile(r"^Expected `object`, got `([^`]*)`")
 
 _CODEC_NAMES = {JSON: "JSON", MSGPACK: "MessagePack"}
@@ -128,6 +130,8 @@ def _validation_error(
             field=f"{field or '$'}.{missing.group(1)}",
             event_id=event_id,
         )
+    if field is None and _NAMESPACE_FORGET in text:
+        field = "$.expected_version"
     return ProtocolError(ErrorCode.INVALID_FIELD, text, field=field, event_id=event_id)
 
 
@@ -158,6 +162,8 @@ def _decode_upcast(frame: bytes, codec: str, header: _Header) -> Message:
         ) from None
     try:
         lifted = upcast(raw)
+    except msgspec.ValidationError as error:
+        raise _validation_error(error, header.id, codec) from None
     except KeyError:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from events.types import EVENT_TYPES
 
 __all__ = ["CURRENT_VERSIONS", "Upcaster", "needs_upcast", "register", "upcast"]
@@ -75,5 +77,11 @@ def _store_v1_to_v2(message: dict[str, Any]) -> dict[str, Any]:
 
 @register("Forget", 1)
 def _forget_v1_to_v2(message: dict[str, Any]) -> dict[str, Any]:
-    """Forget v1 always named a key, which v2 reads the same way."""
+    """Forget v1 always named a key, which v2 reads the same way.
+
+    A v1 Forget without `key` is rejected, not read as a Forget of the
+    whole namespace: a v1 client that left the key out made a mistake.
+    """
+    if message.get("key") is None:
+        raise msgspec.ValidationError("Object missing required field `key`")
     return message

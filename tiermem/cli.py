@@ -109,10 +109,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from bus.client import Client
     from events.codec import decode_request
     from events.errors import ProtocolError
+    from events.errors import TiermemError
     from events.limits import Limits
-    from events.types import Ack, Error
+    from events.types import Error
 
-    source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")
+    try:
+        source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")
+    except OSError as error:
+        raise TiermemError(f"cannot read {args.file}: {error.strerror}") from None
     messages = []
     rejected = 0
     for number, line in enumerate(source, start=1):
@@ -126,13 +130,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
             print(msgspec.json.encode(reply).decode(), flush=True)
             continue
         messages.append(message)
-    acked = 0
+    failed = 0
     with Client(_endpoints(args), timeout=args.timeout) as client:
         for reply in client.stream(messages, lane=args.priority):
-            if isinstance(reply, Ack):
-                acked += 1
+            if isinstance(reply, Error):
+                failed += 1
             print(msgspec.json.encode(reply).decode(), flush=True)
-    return 0 if rejected == 0 and acked == len(messages) else 1
+    # Any reply but Error is an answer: Ack, Value, NotFound, Results, Conflict.
+    return 0 if rejected == 0 and failed == 0 else 1
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -185,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(handler=cmd_demo)
 
-    publish = commands.add_parser("publish", help="send events read as JSON lines; print each reply as a JSON line")
+    publish = commands.add_parser(
+        "publish",
+        help="send events read as JSON lines; print each reply as a JSON line",
+        description="Exit status 0 when every line got a reply that is not Error, 1 otherwise.",
+    )
     publish.add_argument("file", nargs="?", help="file of JSON lines, or - for standard input (default)")
     publish.add_argument("--priority", choices=("high", "normal", "low"), default="normal", help="lane to send on (default: %(default)s)")
     publish.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply before resending (default: %(default)s)")
@@ -249,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except TiermemError as error:
         print(f"tiermem {args.command}: {error}", file=sys.stderr)
+        return 1
+    except (NotADirectoryError, FileNotFoundError, PermissionError) as error:
+        print(f"tiermem {args.command}: {error.filename or ''}: {error.strerror}", file=sys.stderr)
         return 1
 
 

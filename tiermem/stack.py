@@ -10,6 +10,7 @@ stops every child it started, newest first.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 import structlog
@@ -55,6 +56,7 @@ class Stack:
         self.worker_metrics_port: int | None = None
         self.endpoints: dict[str, str] = {}
         self._control_app: Any = None
+        self._lock: IO[str] | None = None
 
     @property
     def endpoints_path(self) -> Path:
@@ -64,8 +66,44 @@ class Stack:
     def config_path(self) -> Path:
         return self.data_dir / "stack.json"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.data_dir / "stack.lock"
+
+    def _take_lock(self) -> None:
+        """Hold an exclusive lock on `DIR/stack.lock` for as long as this stack runs.
+
+        A second stack on the same directory would start Redis servers on
+        the same files and overwrite stack.json, which breaks the first.
+        The lock goes with the process, so a killed stack leaves none.
+        """
+        handle = open(self.lock_path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ServerError(
+                f"a stack already runs in {self.data_dir} (pid {holder}): stop it first, "
+                "or give this one another --data-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # Closing the file releases the lock.
+            self._lock = None
+
     def start(self, timeout: float = 180.0) -> dict[str, str]:
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ServerError(f"--data-dir {self.data_dir} is not a directory")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         try:
             self._start_redis()
             if self.config.ray_address is None:
@@ -368,7 +406,9 @@ class Stack:
         for role in reversed(list(self.redis)):
             self.redis[role].stop()
         self.redis = {}
-        self.endpoints_path.unlink(missing_ok=True)
+        if self._lock is not None:
+            self.endpoints_path.unlink(missing_ok=True)
+        self._release_lock()
 
     def __enter__(self) -> Stack:
         self.start()

@@ -16,8 +16,8 @@ class DatabaseNotFoundError(ProjectionError):
 
     def __init__(self, db_path: str) -> None:
         super().__init__(
-            f"projection database {db_path!r} not found: run run_projections "
-            "with this path first"
+            f"projection database {db_path!r} not found: the projections have not run "
+            "there yet; start the stack with `tiermem up`, or run `tiermem projections run`"
         )
         self.db_path = db_path
 

@@ -17,6 +17,7 @@ from events.log import RedisEventLog
 from events.types import Ack, Store, Value
 from replay.rebuild import compare_digests, rebuild
 from tiermem.config import StackConfig
+from tiermem.servers import ServerError
 from tiermem.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -120,3 +121,15 @@ def test_router_refuses_unsafe_log(ray_cluster, redis_factory, tmp_path):
         running.start(timeout=60)
     assert "appendfsync='no'" in str(raised.value)
     assert "--appendfsync always" in str(raised.value)
+
+
+def test_second_stack_on_same_directory_rejected(stack):
+    second = Stack(StackConfig(data_dir=stack.config.data_dir, shards=2), celery=False)
+
+    with pytest.raises(ServerError, match="a stack already runs in"):
+        second.start()
+
+    # The running stack's files are untouched, so its commands still work.
+    assert stack.endpoints_path.exists()
+    with Client(stack.endpoints) as client:
+        assert isinstance(client.request(Store(namespace="lock", key="k", value=1)), Ack)

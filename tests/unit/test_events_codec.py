@@ -598,3 +598,20 @@ def test_old_version_with_invalid_utf8_is_malformed():
 
     assert error.code == ErrorCode.MALFORMED
     assert error.event_id == "x1"
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_forget_v1_without_key_rejected(codec):
+    # v1 required the key, so its absence is a client's mistake, never a
+    # Forget of the whole namespace.
+    error = reject(encode_map(codec, {"type": "Forget", "v": 1, "namespace": "agent-1", "id": "old-1"}))
+
+    assert error.code == ErrorCode.MISSING_FIELD
+    assert error.field == "$.key"
+    assert error.event_id == "old-1"
+
+
+def test_namespace_forget_error_names_field():
+    error = reject(encode_map(JSON, {"type": "Forget", "namespace": "agent-1", "expected_version": 2}))
+
+    assert error.field == "$.expected_version"

@@ -156,7 +156,7 @@ def test_access_count_survives_overwrite_not_forget(log):
 
 
 def test_stats_missing_database(tmp_path):
-    with pytest.raises(DatabaseNotFoundError, match="run run_projections with this path first"):
+    with pytest.raises(DatabaseNotFoundError, match="the projections have not run there yet"):
         stats(tmp_path / "absent.db")
 
 

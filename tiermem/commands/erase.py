@@ -19,6 +19,8 @@ __all__ = ["add_erase_parser"]
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
+    import redis
+
     from events.errors import TiermemError
     from replay.erase import erase_stack
     from tiermem.config import load_stack_config
@@ -28,7 +30,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
         raise TiermemError(f"{path} does not exist: start the stack with `tiermem up --data-dir {args.data_dir}` first")
     config = load_stack_config(path)
     print(f"erasing forgotten values under {config.data_dir}", file=sys.stderr, flush=True)
-    report = erase_stack(config, force=True)
+    try:
+        report = erase_stack(config, force=True)
+    except redis.ConnectionError as error:
+        raise TiermemError(f"cannot reach a Redis server of the stack ({error}): is the stack running?") from None
     if args.json:
         print(json.dumps(msgspec.to_builtins(report)))
     else:
