@@ -136,7 +136,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             if isinstance(reply, Error):
                 failed += 1
             print(msgspec.json.encode(reply).decode(), flush=True)
-    # Any reply but Error is an answer: Ack, Value, NotFound, Results, Conflict.
+    # Every reply but Error counts as success: Ack, Value, NotFound, Results, Conflict.
     return 0 if rejected == 0 and failed == 0 else 1
 
 
