@@ -47,10 +47,15 @@ class Mismatch(msgspec.Struct, frozen=True, kw_only=True):
 
 def memory_shards(shards: int, policy: Policy) -> list[Shard]:
     """Return shards backed by fresh in-memory tiers, with no log attached."""
-    return [
+    hosts = [
         Shard(index, shards, {name: MemoryTier(name, index) for name in TIER_NAMES}, policy)
         for index in range(shards)
     ]
+    for host in hosts:
+        # Their log lines (an empty `shard.recovered` first) must not read
+        # like those of the live shards.
+        host.log_tag = host.log_tag.bind(scratch=True)
+    return hosts
 
 
 def rebuild(

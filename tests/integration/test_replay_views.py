@@ -253,3 +253,10 @@ def test_view_rebuilt_at_other_seq(kept, tmp_path, capsys):
     same_answer(after, second)
     files = sorted(path.name for path in (tmp_path / "views" / "moving").rglob("*.snap"))
     assert files == [f"{second_seq:020d}.snap"] * SHARDS
+
+
+def test_view_with_verify_rejected(tmp_path, capsys):
+    status = run(["replay", "--verify", "--view", "ignored", "--local", "--data-dir", str(tmp_path)])
+
+    assert status == 1
+    assert "--view names the view that --to-seq or --as-of builds" in capsys.readouterr().err

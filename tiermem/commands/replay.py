@@ -224,6 +224,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from replay.engine import ReplayError
 
+    if args.view is not None and (args.verify or args.apply or args.discard):
+        raise ReplayError("--view names the view that --to-seq or --as-of builds; it does nothing with --verify, --apply or --discard")
     try:
         if args.discard:
             return _discard(args)
