@@ -3,8 +3,8 @@
 The log is append-only, so a Forget cannot delete the `Store` entries that
 came before it. Instead every `Store` is written to the log sealed: its value
 and tags are encrypted with AES-256-GCM under a data key that belongs to its
-namespace, key and epoch. A Forget destroys the data keys of everything it
-forgets, and from then on the old entries cannot be decrypted by anyone:
+namespace, key and epoch. A Forget destroys the data keys of every value it
+removes, and from then on the old entries cannot be decrypted by anyone:
 readers of the log get the `Store` back with its value replaced by None and
 its tags by an empty list (the placeholder), and replay treats the memory as
 forgotten.
@@ -136,7 +136,7 @@ class SealPlan:
             forgotten_at = self._forgotten.get(namespace)
             if forgotten_at is not None and not state.ciphers and state.epoch <= forgotten_at:
                 writes.setdefault(namespace, [])
-                continue  # The namespace epoch says all there is to say.
+                continue  # The namespace epoch alone describes this key.
             writes.setdefault(namespace, []).extend((_state_field(key), state.field()))
         for (namespace, key, epoch), material in self._new.items():
             writes[namespace].extend((_material_field(key, epoch), material))
@@ -368,26 +368,28 @@ class DataKeys:
         self._keys.clear()
         self._namespaces.clear()
 
-    def _load(self, plan: SealPlan, events: Sequence[Event]) -> None:
-        """Fetch the states of the batch's keys and namespaces that the cache lacks."""
+    def _missing(self, events: Sequence[Event]) -> tuple[list[tuple[str, str]], list[str]]:
+        """Return the batch's keys and namespaces whose state the cache lacks, in order."""
         # Dicts as ordered sets: a batch can name thousands of keys.
-        wanted_keys: dict[tuple[str, str], None] = {}
-        wanted_namespaces: dict[str, None] = {}
+        keys: dict[tuple[str, str], None] = {}
+        namespaces: dict[str, None] = {}
         for event in events:
             if isinstance(event, (Store, Forget)):
                 if event.namespace not in self._namespaces:
-                    wanted_namespaces[event.namespace] = None
-                if event.key is not None:
-                    item = (event.namespace, event.key)
-                    if item not in self._keys:
-                        wanted_keys[item] = None
-        keys = list(wanted_keys)
-        namespaces = list(wanted_namespaces)
+                    namespaces[event.namespace] = None
+                if event.key is not None and (event.namespace, event.key) not in self._keys:
+                    keys[(event.namespace, event.key)] = None
+        return list(keys), list(namespaces)
+
+    def _load(self, plan: SealPlan, events: Sequence[Event]) -> None:
+        """Fetch the states of the batch's keys and namespaces that the cache lacks.
+
+        One HMGET per namespace reads the state fields; only keys with live
+        data keys cost a second round trip, so a batch of new keys costs one.
+        """
+        keys, namespaces = self._missing(events)
         if not keys and not namespaces:
             return
-        # One HMGET per namespace for the state fields, and a second round
-        # trip only for keys that have live data keys: a batch of new keys
-        # costs one round trip and a few commands.
         by_namespace: dict[str, list[str]] = {}
         for namespace, key in keys:
             by_namespace.setdefault(namespace, []).append(key)
@@ -399,29 +401,24 @@ class DataKeys:
         replies = pipeline.execute()
         if namespaces:
             for namespace, epoch in zip(namespaces, replies[0], strict=True):
-                # Loaded epochs go straight into the cache: they are what Redis holds.
+                # Loaded epochs go straight into the cache: they are what Redis has.
                 self._namespaces[namespace] = int(epoch or 0)
             replies = replies[1:]
-        live: list[tuple[tuple[str, str], int, list[int]]] = []
+
+        live: list[tuple[tuple[str, str], list[int]]] = []
         for (namespace, names), states in zip(by_namespace.items(), replies, strict=True):
             for key, state_field in zip(names, states, strict=True):
-                if state_field is None:
-                    plan._keys[(namespace, key)] = _KeyState(0, {})
-                    continue
-                epoch, epochs = _parse_state(state_field)
+                epoch, epochs = _parse_state(state_field) if state_field is not None else (0, [])
                 plan._keys[(namespace, key)] = _KeyState(epoch, {})
                 if epochs:
-                    live.append(((namespace, key), epoch, epochs))
+                    live.append(((namespace, key), epochs))
         if not live:
             return
-        pipeline = self.client.pipeline(transaction=False)
-        for (namespace, key), _, epochs in live:
-            pipeline.hmget(self.namespace_hash(namespace), [_material_field(key, epoch) for epoch in epochs])
-        for (item, _, epochs), materials in zip(live, pipeline.execute(), strict=True):
-            plan._keys[item].ciphers = {
-                epoch: AESGCM(bytes.fromhex(material.decode()))
-                for epoch, material in zip(epochs, materials, strict=True)
-                if material is not None
+        found = self.data_keys((namespace, key, epoch) for (namespace, key), epochs in live for epoch in epochs)
+        for (namespace, key), epochs in live:
+            materials = {epoch: found[(namespace, key, epoch)] for epoch in epochs}
+            plan._keys[(namespace, key)].ciphers = {
+                epoch: AESGCM(material) for epoch, material in materials.items() if material is not None
             }
 
     def _state(self, plan: SealPlan, namespace: str, key: str) -> _KeyState:
@@ -482,10 +479,6 @@ class DataKeys:
         members = self.client.zrangebyscore(self.ledger, f"({seq}", "+inf")
         records = [ForgetRecord(*_ledger_decoder.decode(member)) for member in members]
         return sorted(records, key=lambda record: (record.seq, record.namespace, record.key or ""))
-
-    def prune_ledger(self, through_seq: int) -> int:
-        """Delete ledger entries at or below `through_seq`; return how many went."""
-        return int(self.client.zremrangebyscore(self.ledger, "-inf", through_seq))
 
     def shred_count(self) -> int:
         """Return how many destructions ever ran: a cheap "did anything change" check."""

@@ -20,7 +20,6 @@ runs a whole pass now.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,7 +31,8 @@ import structlog
 
 from events.log import RedisEventLog
 from tiermem.servers import wait_until
-from tiers.snapshot import SnapshotError, read_header, rewrite_scrubbed
+from tiermem.settings import mask_secrets
+from tiers.snapshot import SnapshotError, list_snapshots, read_header, rewrite_scrubbed
 from tiers.sqlite_tier import scrub_sqlite
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
 
 log = structlog.get_logger("tiermem.erase")
 
-_SNAPSHOT_NAME = re.compile(r"^\d{20}\.snap$")
 
 
 class ErasureReport(msgspec.Struct, kw_only=True):
@@ -91,10 +90,14 @@ def _write_state(data_dir: str | Path, state: _State) -> None:
 
 def snapshot_files(data_dir: str | Path) -> list[Path]:
     """Return every snapshot and view file under `data_dir`."""
-    root = Path(data_dir)
+    data = Path(data_dir)
+    roots = [data / "snapshots", *sorted((data / "views").glob("*"))]
     found: list[Path] = []
-    for pattern in ("snapshots/shard-*/*.snap", "views/*/shard-*/*.snap"):
-        found.extend(path for path in root.glob(pattern) if _SNAPSHOT_NAME.match(path.name))
+    for root in roots:
+        for directory in sorted(root.glob("shard-*")):
+            shard = directory.name.removeprefix("shard-")
+            if shard.isdigit():
+                found.extend(path for _, path in list_snapshots(root, int(shard)))
     return sorted(found)
 
 
@@ -123,16 +126,11 @@ def rewrite_aof(url: str, *, timeout: float = 120.0) -> None:
                 and not int(info.get("aof_rewrite_scheduled", 0))
             )
 
-        wait_until(finished, timeout=timeout, what=f"the AOF rewrite of {_safe(url)}")
+        wait_until(finished, timeout=timeout, what=f"the AOF rewrite of {mask_secrets(url)}")
         if client.info("persistence").get("aof_last_bgrewrite_status") != "ok":
-            raise redis.RedisError(f"the AOF rewrite of {_safe(url)} failed; see its redis.log")
+            raise redis.RedisError(f"the AOF rewrite of {mask_secrets(url)} failed; see its redis.log")
     finally:
         client.close()
-
-
-def _safe(url: str) -> str:
-    """Return `url` without its password, for messages and logs."""
-    return re.sub(r"//[^@/]*@", "//", url)
 
 
 def erase(
@@ -186,7 +184,7 @@ def erase(
     if due:
         for url in redis_urls:
             rewrite_aof(url)
-            report.aof_rewritten.append(_safe(url))
+            report.aof_rewritten.append(mask_secrets(url))
         state.aof_shredded, state.aof_at = shredded, now
     state.shredded = shredded
     _write_state(data_dir, state)
