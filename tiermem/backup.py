@@ -211,10 +211,14 @@ def _key_store_chunks(client: redis.Redis, config: StackConfig) -> Iterator[_Has
     """Yield the log's key store: every namespace's data key hash, the namespace epochs and the forget ledger.
 
     Without the data keys, the restored log's Stores would all read as
-    forgotten (see `events.seal`). A data key that a Forget destroys while
-    the export runs may still be exported; the Forget is in the log after
-    the backup's position, so a restored stack replays it and destroys the
-    key again. The ledger, a sorted set, travels as member -> score.
+    forgotten (see `events.seal`). The ledger, a sorted set, travels as
+    member -> score.
+
+    NOTE: a Forget logged after the backup's position but before this
+    export destroys data keys that the exported log still uses, so the
+    restored log reads those Stores as erased while the backup's snapshots
+    still have their values. `export_log` exports the key store first to
+    keep that window short.
     """
     data_keys = RedisEventLog(client, stream=config.log_stream).data_keys
     for name in client.scan_iter(match=f"{data_keys.prefix}:n:*", count=_HSCAN_COUNT):
@@ -275,6 +279,9 @@ def export_log(client: redis.Redis, config: StackConfig, until_seq: int, path: P
     with open(path, "wb") as raw:
         raw.write(_EXPORT_MAGIC)
         with zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(raw, closefd=False) as output:
+            # The key store first: see the NOTE in `_key_store_chunks`.
+            for chunk in _key_store_chunks(client, config):
+                _write_record(output, chunk)
             for chunk in _stream_chunks(client, config.log_stream, until_seq):
                 _write_record(output, chunk)
                 counts.log_entries += len(chunk.entries)
@@ -287,8 +294,6 @@ def export_log(client: redis.Redis, config: StackConfig, until_seq: int, path: P
                 for chunk in _stream_chunks(client, key, until_seq):
                     _write_record(output, chunk)
                     counts.effects[key] += len(chunk.entries)
-            for chunk in _key_store_chunks(client, config):
-                _write_record(output, chunk)
         raw.flush()
     return counts
 

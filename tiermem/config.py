@@ -55,7 +55,7 @@ class StackConfig(msgspec.Struct, kw_only=True):
     # Seconds between erasure passes (replay.erase), which rewrite snapshots
     # taken before a Forget; a pass with no Forget since the last costs one GET.
     erase_interval_s: float = 5.0
-    # Least seconds between the AOF rewrites of an erasure pass.
+    # Minimum seconds between the AOF rewrites of scheduled erasure passes.
     erase_aof_interval_s: float = 3600.0
     # Pool processes of the embedded worker. Its tasks mostly wait on the bus,
     # and it shares the host with Redis, Ray and the router.

@@ -398,7 +398,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "projection_interval_s": "Seconds between the beat runs that catch the projections up with the log.",
     "snapshot_interval_s": "Seconds between scheduled snapshots of each shard.",
     "erase_interval_s": "Seconds between erasure passes, which rewrite snapshots and views taken before a Forget and checkpoint SQLite files (see docs/semantics.md); a pass finds nothing to do in one Redis read when no Forget happened.",
-    "erase_aof_interval_s": "Least seconds between the Redis AOF rewrites of scheduled erasure passes, which drop destroyed data keys and deleted values from the append-only files; `tiermem erase` rewrites at once.",
+    "erase_aof_interval_s": "Minimum seconds between the Redis AOF rewrites of scheduled erasure passes, which drop destroyed data keys and deleted values from the append-only files; `tiermem erase` rewrites at once.",
     "celery_concurrency": "Pool processes of the embedded Celery worker.",
     "broker_visibility_timeout_s": "Seconds after which the broker delivers an unacknowledged task again; must exceed the longest task.",
 }

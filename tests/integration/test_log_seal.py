@@ -135,7 +135,7 @@ def test_gets_and_forgets_unsealed(appender):
 
 def test_namespace_forget_after_cached_store(appender):
     appender.append(Store(namespace="agent", key="a", value="one"))
-    # The router's cache knows "a"; the batch forgets the namespace and
+    # The router's cache contains "a"; the batch forgets the namespace and
     # stores "a" again, which must get a fresh data key.
     appender.append(Forget(namespace="agent"), Store(namespace="agent", key="a", value="two"))
 

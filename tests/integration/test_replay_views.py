@@ -108,7 +108,7 @@ def test_to_seq_matches_live(kept, tmp_path, capsys):
     assert kept.points[0][3].value == {"text": "buy red apples"}
 
 
-def test_to_seq_before_a_forget_shows_the_value_erased(history, tmp_path, capsys):
+def test_to_seq_before_forget_erased(history, tmp_path, capsys):
     """A later Forget erased the values: the points before it read as placeholders."""
     for label, seq, _, live in history.points:
         run(["replay", "--to-seq", str(seq), "--local", "--view", label, "--data-dir", str(tmp_path)])
