@@ -169,6 +169,12 @@ class WorkerMetrics:
     def task_started(self, task_id: str, name: str) -> None:
         with self._lock:
             self._started_at[task_id] = time.perf_counter()
+        # Create the duration series now: in multiprocess mode that creates
+        # this process's histogram file, and a scrape lists the files before
+        # it reads them. Created at the end instead, a scrape could list the
+        # files before the histogram's and read the counters after the task
+        # was counted, showing a finished task with no duration.
+        self.duration.labels(task=name)
         self.started.labels(task=name).inc()
 
     def task_finished(self, task_id: str, name: str, state: str) -> None:

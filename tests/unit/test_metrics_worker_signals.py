@@ -89,6 +89,22 @@ def test_success_counted_with_duration(enabled):
     )
 
 
+def test_duration_series_exists_while_task_runs(enabled):
+    """In multiprocess mode this creates the histogram file before the task is counted.
+
+    A scrape lists the files first and reads them after; a histogram file
+    created only at the end could be missed by a scrape that still reads
+    the finished count.
+    """
+    signals.task_prerun.send(sender=TASK, task_id="t9", task=TASK)
+    registry = enabled.registry
+    assert (
+        value(registry, "tiermem_worker_task_duration_seconds_count", task=TASK.name)
+        == 0
+    )
+    assert value(registry, "tiermem_worker_tasks_started_total", task=TASK.name) == 1
+
+
 def test_failure_in_run_counted_once(enabled):
     signals.task_prerun.send(sender=TASK, task_id="t2", task=TASK)
     signals.task_failure.send(sender=TASK, task_id="t2", exception=ValueError("bad"))
