@@ -140,9 +140,11 @@ def test_as_of_before_first_event_is_empty(history, tmp_path, capsys):
     first_ts = history.points[0][2]
 
     status = run(["replay", "--as-of", "0", "--local", "--data-dir", str(tmp_path)])
-    capsys.readouterr()
+    out = capsys.readouterr().out
 
     assert status == 0
+    assert "view seq-0: the empty state before the first event" in out
+    assert "1970" not in out
     assert isinstance(view_get(tmp_path, "seq-0", NAMESPACE, "plan"), NotFound)
     assert first_ts > 0
 

@@ -340,8 +340,13 @@ def _view(args: argparse.Namespace) -> int:
     results = _run(args, "tiermem.replay.build_view_shard", [(shard, {"view": name, "seq": seq}) for shard in shards], local, describe)
     manifest = write_view_manifest(target, name, seq, as_of=args.as_of)
     summary = _summary(started, results, verified=None, view=name, seq=seq, as_of=args.as_of, now_ms=manifest.now_ms)
+    state = (
+        "the empty state before the first event"
+        if seq == 0
+        else f"the state after seq {seq}, read at {_iso(manifest.now_ms)}"
+    )
     lines = [
-        f"view {name}: the state after seq {seq}, read at {_iso(manifest.now_ms)}",
+        f"view {name}: {state}",
         f"read it with: tiermem get KEY --namespace NS --view {name} --data-dir {args.data_dir}",
         f"{summary['events']} events replayed in {summary['seconds']:.2f}s ({summary['events_per_s']:.0f} events/s)",
     ]
