@@ -47,7 +47,7 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise _Shutdown(signal.Signals(signum).name)
 
 
-def _command_line_settings(args: argparse.Namespace) -> dict[str, object]:
+def command_line_settings(args: argparse.Namespace) -> dict[str, object]:
     """Return the settings given as options; an option left out leaves the setting to the file and environment."""
     given = {"data_dir": args.data_dir, "shards": args.shards}
     return {name: value for name, value in given.items() if value is not None}
@@ -60,7 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import structlog
 
     log = structlog.get_logger("tiermem.up")
-    config = load_config(args.config, overrides=_command_line_settings(args))
+    config = load_config(args.config, overrides=command_line_settings(args))
     stack = Stack(config, dashboard=args.dashboard)
     signal.signal(signal.SIGTERM, _raise_shutdown)
     signal.signal(signal.SIGINT, _raise_shutdown)
@@ -91,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tiermem.demo import print_result, run_demo
     from tiermem.settings import load_config
 
-    settings = load_config(args.config, overrides=_command_line_settings(args))
+    settings = load_config(args.config, overrides=command_line_settings(args))
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     result = run_demo(
         limit=args.limit,
@@ -247,11 +247,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """Parse `argv`; report an unknown option with the usage of the subcommand it was given to.
+
+    `parse_args` reports it with the top-level usage, which does not show
+    the options the subcommand has.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _innermost_parser(parser, args).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
+    return args
+
+
+def _innermost_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """Return the parser of the last subcommand chosen under `parser`."""
+    while True:
+        subcommands = next(
+            (
+                action
+                for action in parser._actions
+                if isinstance(action, argparse._SubParsersAction)
+            ),
+            None,
+        )
+        chosen = getattr(args, subcommands.dest, None) if subcommands else None
+        if chosen not in getattr(subcommands, "choices", {}):
+            return parser
+        parser = subcommands.choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     from events.errors import TiermemError
     from tiermem.logs import configure_logging
 
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     configure_logging()
     try:
@@ -262,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     except (NotADirectoryError, FileNotFoundError, PermissionError) as error:
         print(f"tiermem {args.command}: {error.filename or ''}: {error.strerror}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of standard output went away (`tiermem ... | head`).
+        # Point the descriptor at /dev/null so the flush at exit does not
+        # raise again, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

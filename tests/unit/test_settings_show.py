@@ -111,3 +111,54 @@ def test_show_rejects_invalid_settings(clean_env, capsys):
         match=r"shards: expected an integer >= 1, got 0 \(from TIERMEM_SHARDS\)",
     ):
         parsed.handler(parsed)
+
+
+def test_show_takes_the_options_of_up(clean_env, capsys, tmp_path):
+    """`--data-dir` and `--shards` override the file and the environment, as for `tiermem up`."""
+    path = tmp_path / "tiermem.toml"
+    path.write_text('shards = 4\ndata_dir = "/srv/tiermem"\n')
+    clean_env.setenv("TIERMEM_SHARDS", "6")
+
+    output = config_show(
+        capsys, "--config", str(path), "--data-dir", str(tmp_path), "--shards", "3", "--json"
+    )
+
+    settings = {item["name"]: item for item in json.loads(output)["settings"]}
+    assert settings["data_dir"]["value"] == str(tmp_path)
+    assert settings["data_dir"]["source"] == "command line"
+    assert settings["shards"]["value"] == 3
+    assert settings["shards"]["source"] == "command line"
+
+
+def test_unknown_option_reported_with_the_subcommand_usage(capsys):
+    from tiermem.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config", "show", "--data-dri", "/tmp"])
+
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tiermem config show ")
+    assert "tiermem config show: error: unrecognized arguments: --data-dri /tmp" in err
+
+
+def test_closed_standard_output_ends_quietly(clean_env, tmp_path):
+    """`tiermem config show | head -1`: no traceback when the reader has gone."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "tiermem.cli", "config", "show"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    finally:
+        os.close(write_end)
+    assert completed.stderr == b""
+    assert completed.returncode == 141

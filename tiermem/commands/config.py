@@ -26,6 +26,15 @@ def add_config_parser(subparsers: argparse._SubParsersAction) -> None:
         help="TOML file of settings (default: none, so defaults and TIERMEM_* variables only)",
     )
     show.add_argument(
+        "--data-dir",
+        help="as `tiermem up --data-dir`: show the settings with data_dir set to this folder",
+    )
+    show.add_argument(
+        "--shards",
+        type=int,
+        help="as `tiermem up --shards`: show the settings with this number of shards",
+    )
+    show.add_argument(
         "--json",
         action="store_true",
         help='print one JSON object: {"settings": [{name, value, source, origin}]}',
@@ -35,9 +44,11 @@ def add_config_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     """Print the settings; an invalid one raises `SettingsError`, which `tiermem.cli.main` prints."""
+    from tiermem.cli import command_line_settings
     from tiermem.settings import load_settings, masked
 
-    settings = masked(load_settings(args.config).settings)
+    loaded = load_settings(args.config, overrides=command_line_settings(args))
+    settings = masked(loaded.settings)
     if args.json:
         print(json.dumps({"settings": msgspec.to_builtins(settings)}))
         return 0
