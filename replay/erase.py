@@ -32,11 +32,13 @@ import structlog
 from events.log import RedisEventLog
 from tiermem.servers import wait_until
 from tiermem.settings import mask_secrets
+from tiers.redis_tier import cluster_node_urls, is_cluster_url
 from tiers.snapshot import SnapshotError, list_snapshots, read_header, rewrite_scrubbed
 from tiers.sqlite_tier import scrub_sqlite
 
 __all__ = [
     "ErasureReport",
+    "aof_targets",
     "erase",
     "erase_stack",
     "rewrite_aof",
@@ -133,6 +135,15 @@ def rewrite_aof(url: str, *, timeout: float = 120.0) -> None:
         client.close()
 
 
+def aof_targets(url: str) -> list[str]:
+    """Return the URLs of the servers whose AOF contains the data at `url`.
+
+    For a Redis Cluster that is every node, replicas included, because a
+    replica writes the deleted values to its own AOF as well.
+    """
+    return cluster_node_urls(url) if is_cluster_url(url) else [url]
+
+
 def erase(
     data_dir: str | Path,
     event_log: RedisEventLog,
@@ -183,8 +194,9 @@ def erase(
     )
     if due:
         for url in redis_urls:
-            rewrite_aof(url)
-            report.aof_rewritten.append(mask_secrets(url))
+            for node_url in aof_targets(url):
+                rewrite_aof(node_url)
+                report.aof_rewritten.append(mask_secrets(node_url))
         state.aof_shredded, state.aof_at = shredded, now
     state.shredded = shredded
     _write_state(data_dir, state)
@@ -204,12 +216,13 @@ def erase(
 def stack_files(config: Any) -> tuple[list[Path], list[str]]:
     """Return the SQLite files and the Redis URLs whose AOF an erasure pass of `config` covers.
 
-    `config` is a `tiermem.config.StackConfig`. A Redis Cluster URL is left
-    out: rewrite each node's AOF with `redis-cli -h HOST -p PORT BGREWRITEAOF`.
+    `config` is a `tiermem.config.StackConfig`. A Redis Cluster URL stays
+    one URL here, and the pass rewrites the AOF of each of its nodes.
     """
     sqlite_paths = sorted(Path(config.ltm_dir).glob("*.sqlite3")) + [Path(config.projections_db)]
     urls = [config.log_url, config.stm_url, config.im_url, config.broker_url]
-    return sqlite_paths, [url for url in urls if url and url.startswith(("redis://", "rediss://", "unix://"))]
+    schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    return sqlite_paths, [url for url in urls if url and url.startswith(schemes)]
 
 
 def erase_stack(config: Any, *, force: bool = False) -> ErasureReport:

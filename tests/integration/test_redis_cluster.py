@@ -22,6 +22,7 @@ from events.types import Ack, Forget, Get, Maintain, NotFound, Store, Value
 from handlers.actor import ShardSettings
 from handlers.policy import Policy
 from handlers.sharding import shard_of
+from replay.erase import erase, stack_files
 from tiermem.commands.replay import run
 from tiermem.config import StackConfig, write_stack_config
 from tiermem.doctor import DoctorOptions, check_tier_redis
@@ -513,3 +514,35 @@ def test_verify_lists_tampered_key_on_cluster(
     assert [(item["tier"], item["namespace"], item["key"]) for item in differences] == [
         ("stm", original.namespace, original.key)
     ]
+
+
+# ----------------------------------------------------------- erasure
+
+
+def test_stack_files_keeps_cluster_urls(tmp_path):
+    config = StackConfig(
+        data_dir=str(tmp_path),
+        stm_url="redis+cluster://10.0.0.7:7000,10.0.0.8:7000",
+        im_url="rediss+cluster://10.0.0.7:7001",
+    )
+
+    _, urls = stack_files(config)
+
+    assert "redis+cluster://10.0.0.7:7000,10.0.0.8:7000" in urls
+    assert "rediss+cluster://10.0.0.7:7001" in urls
+
+
+@pytest.mark.integration
+def test_erase_rewrites_aof_of_every_cluster_node(redis_cluster, cluster_client, servers, tmp_path):
+    nodes = [server.client() for server in redis_cluster.servers]
+    cluster_client.set("tm:{agent-1:0}:forgotten", b"a value to drop from the AOF")
+    before = [int(node.info("persistence")["aof_rewrites"]) for node in nodes]
+
+    report = erase(tmp_path, servers.event_log(), redis_urls=[redis_cluster.url], force=True)
+
+    after = [int(node.info("persistence")["aof_rewrites"]) for node in nodes]
+    for node in nodes:
+        node.close()
+    assert report.aof_rewritten == cluster_node_urls(redis_cluster.url)
+    assert len(report.aof_rewritten) == len(redis_cluster.servers)
+    assert all(now > then for now, then in zip(after, before, strict=True))
