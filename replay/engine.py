@@ -44,6 +44,7 @@ from replay.snapshot import ReplayedShard, event_ts, replay_shard, snapshot_root
 from tiers.base import TIER_NAMES, Record, Tier
 from tiers.errors import TierError
 from tiers.memory import MemoryTier
+from tiers.pools import TierPoolSettings
 from tiers.redis_tier import RedisTier, client_from_url
 from tiers.snapshot import Snapshot, list_snapshots, read_snapshot, write_snapshot
 from tiers.sqlite_tier import SqliteTier
@@ -106,6 +107,7 @@ class ReplayTarget(msgspec.Struct, frozen=True, kw_only=True):
     im_url: str
     ltm_dir: str
     log_stream: str = "tiermem:log"
+    pools: TierPoolSettings = TierPoolSettings()
 
     @property
     def snapshots(self) -> Path:
@@ -129,6 +131,7 @@ class ReplayTarget(msgspec.Struct, frozen=True, kw_only=True):
             policy=self.policy,
             log_stream=self.log_stream,
             snapshot_dir=str(self.snapshots),
+            pools=self.pools,
         )
 
     def check_shard(self, shard: int) -> None:
@@ -163,6 +166,7 @@ def target_from_config(config: Any, *, source: str = "the stack config") -> Repl
         im_url=config.im_url,
         ltm_dir=config.ltm_dir,
         log_stream=config.log_stream,
+        pools=config.pools,
     )
 
 

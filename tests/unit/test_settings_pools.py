@@ -76,3 +76,21 @@ def test_pool_sizes_reach_shard_settings():
     )
 
     assert [item.pools for item in shard_settings(config)] == [sizes, sizes]
+
+
+def test_pool_sizes_reach_replay_shards():
+    """Rebuilds, verifications and views run their scratch shards with the stack's pools."""
+    from replay.engine import target_from_config
+
+    sizes = TierPoolSettings(im=PoolSettings(min_workers=1, max_workers=3))
+    config = StackConfig(
+        shards=2,
+        log_url="redis://127.0.0.1:1",
+        stm_url="redis://127.0.0.1:2",
+        im_url="redis://127.0.0.1:3",
+        pools=sizes,
+    )
+
+    target = target_from_config(config)
+
+    assert [target.shard_settings(shard).pools for shard in range(2)] == [sizes, sizes]
