@@ -90,6 +90,28 @@ class ReplayedShard:
         self.events = events
         self.seconds = seconds
 
+    def advance(
+        self,
+        event_log: EventLog,
+        until_seq: int,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Apply the shard's events in (`seq`, `until_seq`] and move `seq` there; return how many.
+
+        Raises ValueError when `until_seq` is below `seq` or past the end of
+        the log.
+        """
+        if until_seq < self.seq:
+            raise ValueError(f"seq {until_seq} is below the scratch shard's seq {self.seq}")
+        started = time.monotonic()
+        ts = event_ts(event_log, until_seq)
+        applied = _apply_range(self.host, event_log, self.seq, until_seq, progress)
+        self.seq, self.ts = until_seq, ts
+        self.events += applied
+        self.seconds += time.monotonic() - started
+        return applied
+
     def snapshot(self) -> Snapshot:
         """Return the scratch shard's tiers as a snapshot at `seq`."""
         return snapshot_from_tiers(
@@ -138,14 +160,7 @@ def replay_shard(
     if base is not None:
         host.load_snapshot(base)
         base_seq = base.watermark
-    applied = 0
-    for batch in event_log.iter_from(base_seq, until_seq):
-        mine = [event for event in batch if host.owns(event)]
-        if mine:
-            host.apply(mine)
-            applied += len(mine)
-        if progress is not None:
-            progress(len(batch))
+    applied = _apply_range(host, event_log, base_seq, until_seq, progress)
     seconds = time.monotonic() - started
     log.info(
         "replay.shard.rebuilt",
@@ -156,6 +171,25 @@ def replay_shard(
         seconds=round(seconds, 3),
     )
     return ReplayedShard(host, until_seq, ts, base_seq, applied, seconds)
+
+
+def _apply_range(
+    host: Shard,
+    event_log: EventLog,
+    after_seq: int,
+    until_seq: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Apply `host`'s events in (`after_seq`, `until_seq`]; return how many it applied."""
+    applied = 0
+    for batch in event_log.iter_from(after_seq, until_seq):
+        mine = [event for event in batch if host.owns(event)]
+        if mine:
+            host.apply(mine)
+            applied += len(mine)
+        if progress is not None:
+            progress(len(batch))
+    return applied
 
 
 class SnapshotResult(msgspec.Struct, frozen=True, kw_only=True):

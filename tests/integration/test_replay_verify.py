@@ -14,6 +14,7 @@ import redis
 
 from events.types import Forget, Get, Maintain, Store
 from handlers.policy import Policy
+from handlers.sharding import shard_of
 from replay.snapshot import take_snapshot
 from tiermem.commands.replay import run
 from tiermem.config import StackConfig, write_stack_config
@@ -211,3 +212,32 @@ def test_verify_after_later_forget_retries_at_fresh_digest(stack_dir):
     assert fresh.verified
     assert fresh.retries == 1
     assert fresh.seq > seq
+
+
+def test_verify_retry_reads_only_the_tail(stack_dir):
+    """A retry goes on from the first attempt's seq instead of rebuilding from the start."""
+    from bus.client import Client
+    from replay.engine import live_digest, load_target, verify_shard
+
+    target = load_target(stack_dir)
+    seq, digests = live_digest(stack_dir)
+    with Client.from_data_dir(stack_dir) as client:
+        client.pipeline(mixed_events(1, start=3))
+        client.request(Forget(namespace="ns1", key="k1"))
+    read: list[int] = []
+
+    result = verify_shard(
+        target,
+        shard_of("ns1", SHARDS),
+        seq,
+        digests,
+        from_empty=True,
+        progress=read.append,
+        redigest=lambda: live_digest(stack_dir),
+    )
+
+    assert result.verified
+    assert result.retries == 1
+    # Each event of the log up to the fresh seq is read once.
+    assert sum(read) == result.seq
+    assert result.seq > seq
