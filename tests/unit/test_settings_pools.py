@@ -65,15 +65,20 @@ def test_pool_min_above_max_named():
     ]
 
 
-def test_pool_sizes_reach_shard_settings():
-    sizes = TierPoolSettings(ltm=PoolSettings(min_workers=1, max_workers=2))
-    config = StackConfig(
+def two_shard_config(pools: TierPoolSettings) -> StackConfig:
+    """A two-shard stack's settings with `pools`; nothing listens at its Redis URLs."""
+    return StackConfig(
         shards=2,
         log_url="redis://127.0.0.1:1",
         stm_url="redis://127.0.0.1:2",
         im_url="redis://127.0.0.1:3",
-        pools=sizes,
+        pools=pools,
     )
+
+
+def test_pool_sizes_reach_shard_settings():
+    sizes = TierPoolSettings(ltm=PoolSettings(min_workers=1, max_workers=2))
+    config = two_shard_config(sizes)
 
     assert [item.pools for item in shard_settings(config)] == [sizes, sizes]
 
@@ -83,14 +88,7 @@ def test_pool_sizes_reach_replay_shards():
     from replay.engine import target_from_config
 
     sizes = TierPoolSettings(im=PoolSettings(min_workers=1, max_workers=3))
-    config = StackConfig(
-        shards=2,
-        log_url="redis://127.0.0.1:1",
-        stm_url="redis://127.0.0.1:2",
-        im_url="redis://127.0.0.1:3",
-        pools=sizes,
-    )
 
-    target = target_from_config(config)
+    target = target_from_config(two_shard_config(sizes))
 
     assert [target.shard_settings(shard).pools for shard in range(2)] == [sizes, sizes]
