@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 import structlog
@@ -57,12 +58,16 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             probe.close()
 
 
-def wait_until(condition, *, timeout: float, interval: float = 0.02, what: str) -> None:
-    """Poll `condition` until it returns true; raise `TimeoutError` at the deadline."""
+def wait_until(condition, *, timeout: float, interval: float = 0.02, what: str) -> Any:
+    """Poll `condition` until it returns a true value, and return that value.
+
+    Raises `TimeoutError` at the deadline.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        if condition():
-            return
+        value = condition()
+        if value:
+            return value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
