@@ -3,8 +3,10 @@
 Each stream entry holds one appended batch and is keyed by the batch's last
 sequence number, so the stream's own ordering rejects a batch that does not
 grow the log, and the last entry's id is the last sequence number. A hash maps each event id to
-its sequence number and body hash; it is written in the same MULTI/EXEC as
-the entries, so the log and its id index never disagree.
+its sequence number and body hash. It is written in the same Lua script call
+as the entries, so every id in the index is in the log. `trim_ids` removes
+the entries of old events, so the ids of the oldest part of the log may be
+missing from the index.
 """
 
 from __future__ import annotations
@@ -112,6 +114,11 @@ def _parse_logged(text: bytes) -> LoggedId:
     return LoggedId(int(seq), int(body_hash))
 
 
+def _logged_seq(text: bytes) -> int | None:
+    """Return the seq of an id index value, or None if it is not `SEQ:BODYHASH`."""
+    seq, separator, _ = text.partition(b":")
+    return int(seq) if separator and seq.isdigit() else None
+
 
 class RedisEventLog:
     """The event log in a Redis Stream, one entry per appended batch.
@@ -137,6 +144,7 @@ class RedisEventLog:
         self.read_batch = read_batch
         self.data_keys = DataKeys(client, prefix=f"{stream}:dk")
         self._append_script = client.register_script(_APPEND_SCRIPT)
+        self._trim_script = client.register_script(_TRIM_IDS_SCRIPT)
 
     def last_seq(self) -> int:
         entries = self.client.xrevrange(self.stream, count=1)
@@ -195,6 +203,44 @@ class RedisEventLog:
     def forgets_after(self, seq: int) -> list[ForgetRecord]:
         """Return every Forget that took effect after `seq`, from the forget ledger."""
         return self.data_keys.forgets_after(seq)
+
+    def trim_ids(self, before_seq: int, *, batch: int = 1000) -> int:
+        """Remove the id index entries whose seq is below `before_seq`; return how many.
+
+        Walks the hash with HSCAN, `batch` entries per call, and deletes each
+        batch's old entries in one script call that reads every entry again
+        before it deletes it. An entry written during the trim (a concurrent
+        append, or an id that an earlier trim removed and a retry logged
+        again) has a seq above the log's last seq at the start, so it is
+        kept. Raises ValueError when `before_seq` is beyond that last seq
+        plus one, because a trim to such a seq could remove those entries.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if before_seq <= 1:
+            return 0
+        last_seq = self.last_seq()
+        if before_seq > last_seq + 1:
+            raise ValueError(
+                f"before_seq {before_seq} is invalid because the log's last seq is {last_seq}. "
+                "Pass at most the last seq plus one, so that entries appended during the trim are kept"
+            )
+        removed = 0
+        cursor = 0
+        while True:
+            cursor, entries = self.client.hscan(self.ids_key, cursor, count=batch)
+            old = []
+            for event_id, value in entries.items():
+                seq = _logged_seq(value)
+                if seq is not None and seq < before_seq:
+                    old.append(event_id)
+            # HSCAN ignores COUNT for a small hash (listpack encoding) and
+            # returns it whole, so the deletions are split to `batch` here.
+            for start in range(0, len(old), batch):
+                chunk = old[start : start + batch]
+                removed += int(self._trim_script(keys=[self.ids_key], args=[before_seq, *chunk]))
+            if cursor == 0:
+                return removed
 
     def index(self, events: Sequence[Event], body_hashes: Sequence[int]) -> None:
         """Write the id index entries of events already in the log (repair after a failed append)."""
@@ -276,6 +322,29 @@ for i = 1, #fields, 1000 do
 end
 """ + APPLY_OPS_LUA + """
 return last_seq
+"""
+
+# Delete the id index entries named in ARGV[2..] whose seq, read again
+# inside the script, is below ARGV[1]. Reading again makes a stale HSCAN
+# result harmless, because an id that was logged again since has a newer seq.
+# Values that do not parse as SEQ:BODYHASH are kept.
+_TRIM_IDS_SCRIPT = """
+local before = tonumber(ARGV[1])
+local old = {}
+for i = 2, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if value then
+    local seq = tonumber(string.match(value, '^(%d+):'))
+    if seq and seq < before then
+      old[#old + 1] = ARGV[i]
+    end
+  end
+end
+local removed = 0
+for i = 1, #old, 1000 do
+  removed = removed + redis.call('HDEL', KEYS[1], unpack(old, i, math.min(i + 999, #old)))
+end
+return removed
 """
 
 _batch_encoder = msgspec.msgpack.Encoder()

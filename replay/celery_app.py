@@ -43,6 +43,7 @@ __all__ = [
     "MAINTAIN_TASK",
     "PROJECTIONS_TASK",
     "SNAPSHOT_TASK",
+    "TRIM_IDS_TASK",
     "QUEUES",
     "SlotSchedule",
     "TASK_MODULES",
@@ -72,12 +73,14 @@ TASK_MODULES = (
     "replay.tasks.projections",
     "replay.tasks.replay",
     "replay.tasks.erase",
+    "replay.tasks.id_index",
 )
 
 MAINTAIN_TASK = "tiermem.maintenance.maintain"
 PROJECTIONS_TASK = "tiermem.projections.run"
 SNAPSHOT_TASK = "tiermem.replay.snapshot_shard"
 ERASE_TASK = "tiermem.maintenance.erase"
+TRIM_IDS_TASK = "tiermem.maintenance.trim_ids"
 
 # Each queue takes the tasks named `tiermem.<area>.*` and, for tasks left
 # with Celery's default name, those named after their module.
@@ -192,6 +195,13 @@ def celery_settings(config: StackConfig) -> dict[str, Any]:
                 "task": ERASE_TASK,
                 "schedule": timedelta(seconds=config.erase_interval_s),
                 "options": {"queue": "maintenance", "expires": config.erase_interval_s * 2},
+            },
+            # Each run removes the ids older than ids_retention_s from the
+            # log's id index. A run still queued at the next tick is dropped.
+            "trim-ids": {
+                "task": TRIM_IDS_TASK,
+                "schedule": timedelta(seconds=config.ids_trim_interval_s),
+                "options": {"queue": "maintenance", "expires": config.ids_trim_interval_s},
             },
             **{
                 f"snapshot-{shard}": {

@@ -57,6 +57,12 @@ class StackConfig(msgspec.Struct, kw_only=True):
     erase_interval_s: float = 5.0
     # Minimum seconds between the AOF rewrites of scheduled erasure passes.
     erase_aof_interval_s: float = 3600.0
+    # Seconds for which the log's id index keeps an event id after its
+    # append, so that a retry with the same id gets the original Ack
+    # instead of being logged again. 0 keeps every id forever.
+    ids_retention_s: float = 604800.0
+    # Seconds between the beat runs that remove expired ids from the index.
+    ids_trim_interval_s: float = 3600.0
     # Pool processes of the embedded worker. Its tasks mostly wait on the bus,
     # and it shares the host with Redis, Ray and the router.
     celery_concurrency: int = 2
@@ -68,9 +74,17 @@ class StackConfig(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if self.shards < 1:
             raise ValueError(f"shards must be at least 1, got {self.shards}")
-        for name in ("projection_interval_s", "snapshot_interval_s", "erase_interval_s", "erase_aof_interval_s"):
+        for name in (
+            "projection_interval_s",
+            "snapshot_interval_s",
+            "erase_interval_s",
+            "erase_aof_interval_s",
+            "ids_trim_interval_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.ids_retention_s >= 0:
+            raise ValueError(f"ids_retention_s must be 0 (keep every id) or positive, got {self.ids_retention_s}")
         if not self.maintain_interval_s > 0:
             raise ValueError(f"maintain_interval_s must be positive, got {self.maintain_interval_s}")
         if self.shard_resources is not None:

@@ -324,6 +324,8 @@ _RULES: dict[str, _Rule] = {
     "snapshot_interval_s": _POSITIVE,
     "erase_interval_s": _POSITIVE,
     "erase_aof_interval_s": _POSITIVE,
+    "ids_retention_s": _Range(ge=0),
+    "ids_trim_interval_s": _POSITIVE,
     "celery_concurrency": _AT_LEAST_1,
     "broker_visibility_timeout_s": _AT_LEAST_1,
 }
@@ -399,6 +401,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "snapshot_interval_s": "Seconds between scheduled snapshots of each shard.",
     "erase_interval_s": "Seconds between erasure passes, which rewrite snapshots and views taken before a Forget and checkpoint SQLite files (see docs/semantics.md); a pass finds nothing to do in one Redis read when no Forget happened.",
     "erase_aof_interval_s": "Minimum seconds between the Redis AOF rewrites of scheduled erasure passes, which drop destroyed data keys and deleted values from the append-only files; `tiermem erase` rewrites at once.",
+    "ids_retention_s": "Seconds for which the log's id index keeps an event id after its append. A retry with the same id within this time is answered as a duplicate. After it, the next trim removes the id (see `ids_trim_interval_s`), and a retry is logged as a new event. 0 keeps every id forever.",
+    "ids_trim_interval_s": "Seconds between the beat runs that remove ids older than `ids_retention_s` from the log's id index.",
     "celery_concurrency": "Pool processes of the embedded Celery worker.",
     "broker_visibility_timeout_s": "Seconds after which the broker delivers an unacknowledged task again; must exceed the longest task.",
 }
@@ -739,6 +743,14 @@ def _check_together(values: dict[str, Any]) -> list[str]:
                 f"pools.{tier}: min_workers {least} exceeds max_workers {most}; "
                 f"lower pools.{tier}.min_workers or raise pools.{tier}.max_workers"
             )
+    retention, interval = values["ids_retention_s"], values["maintain_interval_s"]
+    if 0 < retention < 2 * interval:
+        # `tiermem doctor` finds beat's last two Maintain events by their ids.
+        problems.append(
+            f"ids_retention_s: {retention:g} is below twice maintain_interval_s ({interval:g}), "
+            "so the id index would drop the ids by which `tiermem doctor` checks beat; "
+            f"raise ids_retention_s to at least {2 * interval:g}, or set it to 0 to keep every id"
+        )
     return problems
 
 

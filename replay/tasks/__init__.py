@@ -4,6 +4,8 @@
 | --- | --- | --- |
 | `replay.tasks.memory` | `memory_ops` | `tiermem.memory.publish_event`, `tiermem.memory.store_memory` |
 | `replay.tasks.maintenance` | `maintenance` | `tiermem.maintenance.maintain`, sent by beat |
+| `replay.tasks.erase` | `maintenance` | `tiermem.maintenance.erase`, sent by beat |
+| `replay.tasks.id_index` | `maintenance` | `tiermem.maintenance.trim_ids`, sent by beat |
 | `replay.tasks.projections` | `processing` | projection batches |
 | `replay.tasks.replay` | `replay` | rebuild and verify jobs |
 

@@ -59,7 +59,7 @@ def test_scheduler_writes_state_file(app, tmp_path):
     state = read_schedule_state(path)
     assert state is not None
     assert state.beat_pid == os.getpid()
-    assert sorted(state.entries) == ["erase", "maintain", "projections", "snapshot-0", "snapshot-1"]
+    assert sorted(state.entries) == ["erase", "maintain", "projections", "snapshot-0", "snapshot-1", "trim-ids"]
 
 
 def test_scheduler_restores_last_run(app, tmp_path):
