@@ -169,11 +169,10 @@ class WorkerMetrics:
     def task_started(self, task_id: str, name: str) -> None:
         with self._lock:
             self._started_at[task_id] = time.perf_counter()
-        # Create the duration series now: in multiprocess mode that creates
-        # this process's histogram file, and a scrape lists the files before
-        # it reads them. Created at the end instead, a scrape could list the
-        # files before the histogram's and read the counters after the task
-        # was counted, showing a finished task with no duration.
+        # Create the duration series (and, in multiprocess mode, this
+        # process's histogram file) when the task starts. A scrape still
+        # reads the files one by one while this process writes, so it may
+        # count a task as finished before it sees the task's duration.
         self.duration.labels(task=name)
         self.started.labels(task=name).inc()
 

@@ -123,7 +123,11 @@ def scrape_when(worker: Worker, name: str, expected: float, **labels: str) -> di
     """Scrape until `name{labels}` equals `expected`, and return that scrape.
 
     A task's result is stored before `task_postrun` runs, so a scrape right
-    after `result.get()` may not count the task yet.
+    after `result.get()` may not count the task yet. A scrape is also not a
+    consistent snapshot across metrics: the collector reads each metric
+    file of each process in turn while the pool process goes on writing, so
+    wait for every value a test needs, not for one value that was written
+    near it.
     """
 
     def reached() -> dict | None:
@@ -252,12 +256,22 @@ def test_projection_run_counted_and_lag_closes(setup):
         PROJECTIONS_TASK, kwargs={"max_seconds": 30}
     ).get(timeout=RESULT_TIMEOUT_S)
     assert report["complete"] is True
-    after = scrape_when(
+    scrape_when(
         setup.worker,
         "tiermem_worker_tasks_total",
         1,
         task=PROJECTIONS_TASK,
         state="success",
+    )
+    after = scrape_when(
+        setup.worker,
+        "tiermem_worker_task_duration_seconds_count",
+        1,
+        task=PROJECTIONS_TASK,
+    )
+    assert (
+        metric(after, "tiermem_worker_tasks_total", task=PROJECTIONS_TASK, state="success")
+        == 1
     )
     assert metric(after, "tiermem_worker_projection_lag", projection="search") == 0
     assert (
@@ -266,12 +280,6 @@ def test_projection_run_counted_and_lag_closes(setup):
     )
     assert (
         metric(after, "tiermem_worker_tasks_started_total", task=PROJECTIONS_TASK) == 1
-    )
-    assert (
-        metric(
-            after, "tiermem_worker_task_duration_seconds_count", task=PROJECTIONS_TASK
-        )
-        == 1
     )
     records = sum(
         value
