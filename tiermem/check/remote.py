@@ -166,7 +166,9 @@ class RemoteTarget:
     the log, and `Maintain` may cover every namespace. `namespace` is the
     prefix of every namespace and id the check uses. `shards` and `policy`
     must be the router's. `search` says a worker builds the search
-    projection, so a `Search` must find what the model finds.
+    projection, so a `Search` must find what the model finds. `curve` is
+    the client's CURVE keys, as `Client` takes them, for a router that
+    requires CURVE.
     """
 
     controls_clock = False
@@ -184,6 +186,7 @@ class RemoteTarget:
         timeout: float = 30.0,
         name: str = "stack",
         search: bool = False,
+        curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.supports_search = search
@@ -192,12 +195,13 @@ class RemoteTarget:
         self.log: EventLog = (
             event_log
             if event_log is not None
-            else BusEventLog(Client(endpoints, timeout=timeout))
+            else BusEventLog(Client(endpoints, timeout=timeout, curve=curve))
         )
         self.exclusive = exclusive
         self.fault_hooks = faults
         self.timeout = timeout
         self.name = name
+        self.curve = curve
         self._pool = ThreadPoolExecutor(
             max_workers=3, thread_name_prefix="check-client"
         )
@@ -210,7 +214,10 @@ class RemoteTarget:
         if index not in self._clients:
             attempts = 1 if index >= _ONCE else 5
             self._clients[index] = Client(
-                self.endpoints, timeout=self.timeout, attempts=attempts
+                self.endpoints,
+                timeout=self.timeout,
+                attempts=attempts,
+                curve=self.curve,
             )
         return self._clients[index]
 

@@ -20,6 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from events.errors import TiermemError
+from tiermem.commands.curve import add_curve_arguments, curve_from_args
+
 __all__ = ["add_check_parser", "cmd_check", "endpoints_from_url"]
 
 LANE_ORDER = ("high", "normal", "low", "pub")
@@ -94,6 +97,7 @@ def add_check_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="tiermem-check",
         help="prefix of every namespace and id the check uses (default: %(default)s)",
     )
+    add_curve_arguments(parser, "the public key in the running stack's router.auth.server_secret_file")
     parser.add_argument(
         "--faults",
         action="store_true",
@@ -142,6 +146,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     if args.target == "inprocess" and args.endpoint:
         raise SystemExit("--endpoint needs --target stack or --target endpoint")
+    if args.client_key is not None and args.target != "endpoint":
+        raise SystemExit(
+            "--client-key is for --target endpoint: the stack the check starts has no CURVE keys"
+        )
     run_dir = Path(args.data_dir or ".tiermem") / "check"
     if args.target == "inprocess":
         return _check_inprocess(args, run_dir)
@@ -184,8 +192,9 @@ def _check_remote(args: argparse.Namespace, run_dir: Path) -> int:
                 stack.config.log_url,
             )
             faults = StackFaults(stack) if args.faults else None
+            curve = None
         else:
-            endpoints, shards, policy, log_url = _deployment(args)
+            endpoints, shards, policy, log_url, curve = _deployment(args)
             faults = None
         exclusive = args.target == "stack"
         # The stack the check starts runs Celery, whose beat keeps the
@@ -207,6 +216,7 @@ def _check_remote(args: argparse.Namespace, run_dir: Path) -> int:
             faults=faults,
             name=args.target,
             search=search,
+            curve=curve,
         )
         if exclusive:
             settings = CheckSettings()
@@ -274,11 +284,11 @@ def _start_stack(args: argparse.Namespace):
 
 
 def _deployment(args: argparse.Namespace):
-    """Return the endpoints, shard count, policy and log URL of a running deployment."""
+    """Return the endpoints, shard count, policy, log URL and CURVE keys of a running deployment."""
     from bus.client import Client, load_endpoints
     from handlers.policy import Policy
 
-    policy, log_url = Policy(), None
+    policy, log_url, server_file = Policy(), None, None
     if args.endpoint:
         endpoints = endpoints_from_url(args.endpoint)
     else:
@@ -294,14 +304,19 @@ def _deployment(args: argparse.Namespace):
 
             config = load_stack_config(config_path)
             policy, log_url = config.policy, config.log_url
+            server_file = config.router.auth.server_secret_file
     if policy == Policy() and not args.data_dir:
         print(
             "tiermem check: assuming the default policy; give --data-dir of the deployment to read its own",
             file=sys.stderr,
         )
-    with Client(endpoints, timeout=10) as client:
+    try:
+        curve = curve_from_args(args, server_file)
+    except TiermemError as error:
+        raise SystemExit(f"tiermem check: {error}") from None
+    with Client(endpoints, timeout=10, curve=curve) as client:
         shards = len(client.status().shards)
-    return endpoints, shards, policy, log_url
+    return endpoints, shards, policy, log_url, curve
 
 
 def _report(result, args: argparse.Namespace) -> int:

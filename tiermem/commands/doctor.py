@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from events.errors import TiermemError
+from tiermem.commands.curve import add_curve_arguments, curve_from_args
 
 __all__ = ["add_doctor_parser", "cmd_doctor", "load_target", "print_report"]
 
@@ -73,16 +74,7 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> None:
         default=defaults.max_projection_lag,
         help="events the search projection may be behind the log (default: %(default)s)",
     )
-    parser.add_argument(
-        "--client-key",
-        metavar="FILE",
-        help="a client's .key_secret file, for a router that requires CURVE",
-    )
-    parser.add_argument(
-        "--server-key",
-        metavar="FILE",
-        help="the router's public .key file (default: the public key in router.auth.server_secret_file)",
-    )
+    add_curve_arguments(parser, "the public key in router.auth.server_secret_file")
     parser.set_defaults(handler=cmd_doctor)
 
 
@@ -144,24 +136,6 @@ def _endpoints(config) -> dict[str, str] | None:
     return None
 
 
-def _curve(args: argparse.Namespace, config) -> tuple[bytes, bytes, bytes] | None:
-    from bus.auth import load_keys
-
-    if args.client_key is None:
-        return None
-    client = load_keys(args.client_key)
-    if client.secret is None:
-        raise TiermemError(
-            f"{args.client_key} contains no secret key; pass the client's .key_secret file"
-        )
-    server_file = args.server_key or config.router.auth.server_secret_file
-    if server_file is None:
-        raise TiermemError(
-            "--client-key needs the router's public key: pass --server-key FILE"
-        )
-    return load_keys(server_file).public, client.public, client.secret
-
-
 def print_report(report, as_json: bool) -> None:
     """Print the report: one JSON object, or one line per check with the fix below a failure."""
     if as_json:
@@ -188,7 +162,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     try:
         config, endpoints = load_target(args.data_dir, args.config)
-        curve = _curve(args, config)
+        curve = curve_from_args(args, config.router.auth.server_secret_file)
     except (TiermemError, OSError, ValueError) as error:
         report = settings_failed(error)
         print_report(report, args.json)
