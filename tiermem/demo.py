@@ -30,7 +30,7 @@ from events.log import RedisEventLog
 from events.types import Ack, Error, Get, Maintain, Store, Value
 from replay.rebuild import compare_digests, rebuild
 from tiermem.config import StackConfig
-from tiermem.stack import Stack
+from tiermem.stack import Stack, stack_lock_held
 
 __all__ = ["DemoResult", "corpus", "run_demo"]
 
@@ -108,16 +108,33 @@ def _percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+# Written into the data directory by the demo, so a later demo clears only
+# a directory that an earlier demo made, never the data of `tiermem up`.
+DEMO_MARKER = "demo.marker"
+
+
 def _prepare_dir(data_dir: Path) -> None:
+    """Create an empty data directory, clearing one that an earlier demo left behind."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise SystemExit(f"--data-dir {data_dir} is not a directory")
     if data_dir.exists() and any(data_dir.iterdir()):
-        if not (data_dir / "stack.json").exists():
+        if not (data_dir / DEMO_MARKER).exists():
             raise SystemExit(
-                f"{data_dir} is not empty and holds no earlier tiermem run; the demo "
-                "starts from an empty data directory, so pass --data-dir with a new path"
+                f"{data_dir} is not empty and is not an earlier demo's directory "
+                f"(it has no {DEMO_MARKER}); the demo deletes its data directory "
+                "before it starts, so pass --data-dir with a new path"
+            )
+        if stack_lock_held(data_dir):
+            raise SystemExit(
+                f"a stack runs in {data_dir} (its stack.lock is held): stop it, "
+                "or pass --data-dir with a new path"
             )
         log.info("demo.data_dir.cleared", path=str(data_dir), reason="the demo starts from an empty log")
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / DEMO_MARKER).write_text(
+        "This directory belongs to `tiermem demo`, which deletes it on its next run.\n"
+    )
 
 
 def run_demo(
@@ -142,7 +159,7 @@ def run_demo(
         settings or StackConfig(), data_dir=str(data_dir), shards=shards, maintain_interval_s=3600.0
     )
     config.router = msgspec.structs.replace(config.router, ports={"high": 0, "normal": 0, "low": 0, "pub": 0})
-    stack = Stack(config)
+    stack = Stack(config, supervised=True)
     say(f"starting the embedded stack in {data_dir} (4 Redis servers, Ray, the router with {shards} shards, a Celery worker and beat)")
     stack.start()
     try:
