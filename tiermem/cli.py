@@ -61,28 +61,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     log = structlog.get_logger("tiermem.up")
     config = load_config(args.config, overrides=command_line_settings(args))
-    stack = Stack(config, dashboard=args.dashboard)
-    signal.signal(signal.SIGTERM, _raise_shutdown)
-    signal.signal(signal.SIGINT, _raise_shutdown)
-    restarts = 0
+    stack = Stack(config, dashboard=args.dashboard, supervised=True)
+    # SIGHUP is what a closed terminal or a dropped SSH session sends.
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for number in stop_signals:
+        signal.signal(number, _raise_shutdown)
     try:
         endpoints = stack.start()
         log.info("stack.ready", data_dir=str(stack.data_dir), **endpoints)
         print(json.dumps(endpoints), flush=True)
-        while True:
-            status = stack.wait()
-            restarts += 1
-            if restarts > 5:
-                log.error("stack.router.gave_up", status=status, restarts=restarts - 1)
-                return 1
-            log.error("stack.router.exited", status=status, restart=restarts, next="restarting the router")
-            stack.start_router()
+        return stack.supervise()
     except _Shutdown as stop:
         log.info("stack.stopping", signal=str(stop))
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for number in stop_signals:
+            signal.signal(number, signal.SIG_IGN)
         stack.stop()
         log.info("stack.stopped", data_dir=str(stack.data_dir))
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -36,6 +37,7 @@ class RayHead:
         object_store_bytes: int = 256 * 1024 * 1024,
         log_path: Path | None = None,
         resources: str | None = None,
+        popen_options: dict[str, Any] | None = None,
     ) -> None:
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self.dashboard = dashboard
@@ -47,6 +49,7 @@ class RayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="tmray-", dir="/tmp")
         self.log_path = log_path or Path(self.temp_dir) / "ray-start.log"
         self.resources = resources
+        self.popen_options = popen_options or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,6 +98,7 @@ class RayHead:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                **self.popen_options,
             )
         try:
             wait_until(self._ready, timeout=timeout, interval=0.1, what="the Ray head")

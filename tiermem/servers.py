@@ -7,11 +7,13 @@ directory, so a Redis already running on 6379 is never touched.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,15 @@ import structlog
 
 from events.errors import TiermemError
 
-__all__ = ["RedisServer", "ServerError", "find_redis_server", "free_port", "free_ports", "wait_until"]
+__all__ = [
+    "RedisServer",
+    "ServerError",
+    "child_options",
+    "find_redis_server",
+    "free_port",
+    "free_ports",
+    "wait_until",
+]
 
 log = structlog.get_logger("tiermem.servers")
 
@@ -30,6 +40,43 @@ ROLES = ("log", "stm", "im", "broker")
 
 class ServerError(TiermemError):
     """A child server could not be started or did not become ready."""
+
+
+# prctl(2) option: the signal the kernel sends a process when the thread
+# that created it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+def child_options(*, keep_fds: tuple[int, ...] = (), die_with_parent: bool = False) -> dict[str, Any]:
+    """Return `subprocess.Popen` keyword arguments for a child of a supervisor.
+
+    `keep_fds` stay open in the child, so a lock held through them stays
+    held for as long as any child lives. With `die_with_parent` (Linux
+    only), the kernel sends the child SIGTERM when the thread that started
+    it exits, so a supervisor killed with SIGKILL leaves no orphans. Start
+    such children from a thread that lives as long as they should, such as
+    the main thread.
+    """
+    options: dict[str, Any] = {}
+    if keep_fds:
+        options["pass_fds"] = keep_fds
+    if die_with_parent and sys.platform.startswith("linux"):
+        options["preexec_fn"] = _parent_death_hook(os.getpid())
+    return options
+
+
+def _parent_death_hook(parent_pid: int):
+    # Loaded in the parent: the hook runs between fork and exec, where it
+    # should do as little as possible.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died before prctl took effect.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return hook
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -109,6 +156,7 @@ class RedisServer:
         host: str = "127.0.0.1",
         appendfsync: str | None = None,
         extra_args: tuple[str, ...] = (),
+        popen_options: dict[str, Any] | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
@@ -118,6 +166,7 @@ class RedisServer:
         self.data_dir = Path(data_dir) / f"redis-{role}"
         self.appendfsync = appendfsync or ("always" if role == "log" else "everysec")
         self.extra_args = extra_args
+        self.popen_options = popen_options or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -145,6 +194,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
+        self._close_pipes()  # of an earlier process, when this restarts one
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command(),
@@ -152,6 +202,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            **self.popen_options,
         )
         try:
             wait_until(self._ready, timeout=timeout, what=f"redis-server {self.role}")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,9 +29,9 @@ import structlog
 
 from tiermem.config import StackConfig, write_stack_config
 from tiermem.ray_head import RayHead
-from tiermem.servers import RedisServer, ServerError, free_port, wait_until
+from tiermem.servers import RedisServer, ServerError, child_options, free_port, wait_until
 
-__all__ = ["Stack"]
+__all__ = ["Stack", "stack_lock_held"]
 
 log = structlog.get_logger("tiermem.stack")
 
@@ -38,11 +40,22 @@ class Stack:
     """Start and stop the embedded stack for one data directory.
 
     `celery=False` leaves out the broker Redis, the Celery worker and beat,
-    for callers that only need the bus.
+    for callers that only need the bus. `supervised=True` is for a process
+    that runs the stack in its main thread until it stops it, as `tiermem
+    up` does: every child then gets SIGTERM from the kernel when that
+    process dies, even by SIGKILL.
     """
 
-    def __init__(self, config: StackConfig, *, dashboard: bool = False, celery: bool = True) -> None:
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        dashboard: bool = False,
+        celery: bool = True,
+        supervised: bool = False,
+    ) -> None:
         self.config = config
+        self.supervised = supervised
         self.data_dir = Path(config.data_dir).resolve()
         self.config.data_dir = str(self.data_dir)
         self.dashboard = dashboard
@@ -75,7 +88,9 @@ class Stack:
 
         A second stack on the same directory would start Redis servers on
         the same files and overwrite stack.json, which breaks the first.
-        The lock goes with the process, so a killed stack leaves none.
+        The Redis servers, the router and the Celery processes inherit the
+        lock's file descriptor, so the lock stays held until the last of
+        them exits, even when this process is killed first.
         """
         handle = open(self.lock_path, "a+", encoding="utf-8")
         try:
@@ -84,6 +99,13 @@ class Stack:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
+            if holder.isdigit() and not _pid_alive(int(holder)):
+                raise ServerError(
+                    f"the stack in {self.data_dir} was started by pid {holder}, which has "
+                    "exited, but processes it started still hold stack.lock; they stop by "
+                    f"themselves within seconds (see `fuser -v {self.lock_path}`), then "
+                    "start this stack again"
+                ) from None
             raise ServerError(
                 f"a stack already runs in {self.data_dir} (pid {holder}): stop it first, "
                 "or give this one another --data-dir"
@@ -93,6 +115,30 @@ class Stack:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._lock = handle
+
+    @property
+    def _ray_dir_record(self) -> Path:
+        return self.data_dir / "ray-temp-dir"
+
+    def _remove_stale_ray_dir(self) -> None:
+        """Delete the Ray temp dir of an earlier stack here that was killed before it could.
+
+        This runs under the lock, so no stack of this data directory uses
+        that Ray head any more.
+        """
+        try:
+            stale = Path(self._ray_dir_record.read_text().strip())
+        except FileNotFoundError:
+            return
+        if stale.name.startswith("tmray-") and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("stack.ray_dir.removed", path=str(stale), reason="left by a stack that was killed")
+        self._ray_dir_record.unlink(missing_ok=True)
+
+    def _child_options(self, *, keep_lock: bool = True) -> dict[str, Any]:
+        """Return the `Popen` options of a child: the lock's descriptor, and death with this process."""
+        keep = (self._lock.fileno(),) if keep_lock and self._lock is not None else ()
+        return child_options(keep_fds=keep, die_with_parent=self.supervised)
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -107,8 +153,17 @@ class Stack:
         try:
             self._start_redis()
             if self.config.ray_address is None:
-                self.ray = RayHead(dashboard=self.dashboard, log_path=self.data_dir / "logs" / "ray-start.log").start()
+                self._remove_stale_ray_dir()
+                # Ray's own processes do not get the lock: they use no file
+                # of the data directory, and Ray may leave some for a while
+                # after the head stops.
+                self.ray = RayHead(
+                    dashboard=self.dashboard,
+                    log_path=self.data_dir / "logs" / "ray-start.log",
+                    popen_options=self._child_options(keep_lock=False),
+                ).start()
                 self.config.ray_address = self.ray.address
+                self._ray_dir_record.write_text(self.ray.temp_dir + "\n")
             self._fix_ports()
             write_stack_config(self.config, self.config_path)
             self.start_router(timeout)
@@ -127,7 +182,9 @@ class Stack:
         for role, attribute in roles:
             if getattr(self.config, attribute) is None:
                 fsync = "everysec" if role == "log" and self.config.allow_everysec else None
-                server = RedisServer(self.data_dir, role=role, appendfsync=fsync).start()
+                server = RedisServer(
+                    self.data_dir, role=role, appendfsync=fsync, popen_options=self._child_options()
+                ).start()
                 self.redis[role] = server
                 setattr(self.config, attribute, server.url)
 
@@ -162,6 +219,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                **self._child_options(),
             )
         try:
             wait_until(self._router_ready, timeout=timeout, interval=0.05, what="the router")
@@ -253,6 +311,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 env=env or self._celery_env(),
                 start_new_session=True,
+                **self._child_options(),
             )
 
     def start_worker(self, timeout: float = 120.0) -> None:
@@ -403,6 +462,7 @@ class Stack:
         if self.ray is not None:
             self.ray.stop()
             self.ray = None
+            self._ray_dir_record.unlink(missing_ok=True)
         for role in reversed(list(self.redis)):
             self.redis[role].stop()
         self.redis = {}
@@ -417,11 +477,100 @@ class Stack:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def wait(self, poll: float = 0.5) -> int | None:
-        """Block while the router runs; return its exit status when it exits."""
-        while self.router is not None and self.router.poll() is None:
+    def supervise(self, *, poll: float = 0.5, max_restarts: int = 5, window_s: float = 600.0) -> int:
+        """Restart every child that exits, until a signal handler raises; return 1 when one keeps failing.
+
+        A Redis server restarts on its own port and data directory, so the
+        clients of the other processes reconnect to it; the router, the
+        Celery worker and beat restart as `start` started them. A child that
+        needs more than `max_restarts` restarts within `window_s` seconds
+        makes this return, and so does an exited Ray head: the shard actors
+        died with it, and the stack cannot be resumed in place.
+        """
+        restarts: dict[str, list[float]] = {}
+        while True:
+            if self.ray is not None and self.ray.process is not None and self.ray.process.poll() is not None:
+                log.error(
+                    "stack.ray.exited",
+                    pid=self.ray.process.pid,
+                    status=self.ray.process.returncode,
+                    next="stopping the stack; start it again to recover from the log",
+                )
+                return 1
+            for name, process, restart in self._watched():
+                if process is None or process.poll() is None:
+                    continue
+                now = time.monotonic()
+                recent = [moment for moment in restarts.get(name, []) if now - moment < window_s]
+                if len(recent) >= max_restarts:
+                    log.error(
+                        "stack.child.gave_up",
+                        child=name,
+                        status=process.returncode,
+                        restarts=len(recent),
+                        window_s=window_s,
+                        next="stopping the stack",
+                    )
+                    return 1
+                recent.append(now)
+                restarts[name] = recent
+                log.error(
+                    "stack.child.exited",
+                    child=name,
+                    pid=process.pid,
+                    status=process.returncode,
+                    restart=len(recent),
+                    next=f"restarting the {name}",
+                )
+                try:
+                    restart()
+                except ServerError as error:
+                    log.error(
+                        "stack.child.restart_failed",
+                        child=name,
+                        error=str(error),
+                        next=f"trying again in {poll} s",
+                    )
+                    continue
+                log.info("stack.child.restarted", child=name, restart=len(recent))
             time.sleep(poll)
-        return self.router.returncode if self.router else None
+
+    def _watched(self) -> list[tuple[str, subprocess.Popen[bytes] | None, Callable[[], object]]]:
+        """Return each child to keep running: its name, process and restart call, Redis first."""
+        watched: list[tuple[str, subprocess.Popen[bytes] | None, Callable[[], object]]] = [
+            (f"redis-{role}", server.process, server.start) for role, server in self.redis.items()
+        ]
+        watched.append(("router", self.router, self.start_router))
+        if self.celery:
+            watched.append(("worker", self.worker, self.start_worker))
+            watched.append(("beat", self.beat, self.start_beat))
+        return watched
+
+
+def stack_lock_held(data_dir: str | os.PathLike[str]) -> bool:
+    """Return True while a stack, or a process it started, holds `DIR/stack.lock`."""
+    path = Path(data_dir) / "stack.lock"
+    try:
+        handle = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        # Closing the file releases the probe's own lock.
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _kill_group(pgid: int) -> None:

@@ -277,7 +277,7 @@ def _start_stack(args: argparse.Namespace):
     config.router = msgspec.structs.replace(
         config.router, ports={lane: 0 for lane in LANE_ORDER}
     )
-    stack = Stack(config, celery=True)
+    stack = Stack(config, celery=True, supervised=True)
     print(f"tiermem check: starting a stack in {data_dir}", file=sys.stderr)
     stack.start()
     return stack, owned_dir
