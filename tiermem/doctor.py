@@ -208,7 +208,8 @@ def _unreachable(
     return _failed(
         name,
         f"cannot reach the {what} at {url}: {error}",
-        f"start that Redis (`tiermem up` starts the embedded stack's servers), or correct {setting}",
+        f"start that Redis, or correct {setting}; a running `tiermem up` restarts the Redis servers it "
+        "started within a second and logs stack.child.exited, so if this persists, read its output",
     )
 
 
@@ -674,7 +675,9 @@ def check_apply_lag(
             name,
             f"{detail}; more than {options.max_apply_lag} unapplied on shard(s) {', '.join(map(str, sorted(behind)))}",
             "a shard that stops applying has paused on a failed tier: check the redis.stm and redis.im "
-            "checks and the router's log for shard.breaker events; it resumes, in order, once the tier is back",
+            "checks, and the shard.breaker events in the shard actors' logs (Ray's worker-*.out files; for the "
+            "embedded stack, under the folder named in DIR/ray-temp-dir, in session_latest/logs); it resumes, "
+            "in order, once the tier is back",
         )
     return _passed(name, detail)
 
