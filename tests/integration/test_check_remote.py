@@ -16,6 +16,7 @@ from events.types import Ack, Get, Store, Value
 from tiermem.check.machine import CheckSettings
 from tiermem.check.remote import STACK_POLICY, RemoteTarget
 from tiermem.check.runner import run_check
+from tiermem.commands.check import _require_empty
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +155,19 @@ def test_store_acked_while_stm_down_survives(start_router, servers):
     assert acked.seq == 1
     assert isinstance(read, Value)
     assert read.value == 1
+
+
+def test_stack_target_rejects_router_with_records(start_router):
+    """A router that already holds memories would make every tier count differ from the model."""
+    router = start_router(shards=2, policy=STACK_POLICY)
+    with router.client() as client:
+        client.store("mine", "user data", namespace="tenant")
+
+    with pytest.raises(SystemExit, match=r"already holds records \(shard (\d) cache: 1, shard \1 stm: 1\)"):
+        _require_empty(router.endpoints)
+
+
+def test_stack_target_accepts_empty_router(start_router):
+    router = start_router(shards=2, policy=STACK_POLICY)
+
+    _require_empty(router.endpoints)

@@ -196,6 +196,8 @@ def _check_remote(args: argparse.Namespace, run_dir: Path) -> int:
         else:
             endpoints, shards, policy, log_url, curve = _deployment(args)
             faults = None
+            if args.target == "stack":
+                _require_empty(endpoints)
         exclusive = args.target == "stack"
         # The stack the check starts runs Celery, whose beat keeps the
         # search index within a second of the log.
@@ -281,6 +283,30 @@ def _start_stack(args: argparse.Namespace):
     print(f"tiermem check: starting a stack in {data_dir}", file=sys.stderr)
     stack.start()
     return stack, owned_dir
+
+
+def _require_empty(endpoints: dict[str, str]) -> None:
+    """Exit when the router's tiers hold records, which the stack target would count as the check's."""
+    from bus.client import Client, ClientError
+
+    try:
+        with Client(endpoints, timeout=10) as client:
+            reply = client.digest()
+    except ClientError as error:
+        raise SystemExit(
+            f"tiermem check: the router at {endpoints['high']} sent no digest ({error}); "
+            "run the check again once every shard has caught up"
+        ) from None
+    holding = [digest for digest in reply.tiers if digest.records]
+    if holding:
+        where = ", ".join(
+            f"shard {digest.shard} {digest.tier}: {digest.records}" for digest in holding
+        )
+        raise SystemExit(
+            f"tiermem check: the router at {endpoints['high']} already holds records ({where}); "
+            "--target stack compares every tier with the model, so it needs a router given to the "
+            "check alone. Check a deployment in use with --target endpoint."
+        )
 
 
 def _deployment(args: argparse.Namespace):
