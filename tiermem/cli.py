@@ -11,6 +11,8 @@ from pathlib import Path
 
 import msgspec
 
+from tiermem.commands.arguments import positive_float, positive_int
+
 __all__ = ["main"]
 
 DEFAULT_DATA_DIR = ".tiermem"
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(handler=cmd_up)
 
     demo = commands.add_parser("demo", help="stream the chitchat corpus through the stack, crash it, recover, verify")
-    demo.add_argument("--limit", type=int, default=None, help="number of utterances to store (default: all 258,145)")
+    demo.add_argument("--limit", type=positive_int, default=None, help="number of utterances to store (default: all 258,145)")
     demo.add_argument("--config", metavar="FILE", help="TOML file of settings for the demo's stack (see docs/configuration.md); the demo still uses its own data directory, random ports and maintenance interval")
     demo.add_argument("--data-dir", default=os.path.join(DEFAULT_DATA_DIR, "demo"), help="an empty or earlier demo directory (default: %(default)s)")
     demo.add_argument("--shards", type=int, help="number of shard actors (default: the shards setting, 2)")
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.add_argument("file", nargs="?", help="file of JSON lines, or - for standard input (default)")
     publish.add_argument("--priority", choices=("high", "normal", "low"), default="normal", help="lane to send on (default: %(default)s)")
-    publish.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply before resending (default: %(default)s)")
+    publish.add_argument("--timeout", type=positive_float, default=10.0, help="seconds to wait for each reply before resending (default: %(default)s)")
     _add_target(publish)
     publish.set_defaults(handler=cmd_publish)
 
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("key")
     get.add_argument("--namespace", default="default", help="namespace of the key (default: %(default)s)")
     get.add_argument("--priority", choices=("high", "normal", "low"), default="high", help="lane to send on (default: %(default)s)")
-    get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait before resending (default: %(default)s)")
+    get.add_argument("--timeout", type=positive_float, default=10.0, help="seconds to wait before resending (default: %(default)s)")
     get.add_argument("--view", help="read from a view built by `tiermem replay --to-seq/--as-of --view NAME` instead of live")
     _add_target(get)
     get.set_defaults(handler=cmd_get)

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from events.errors import TiermemError
+from tiermem.commands.arguments import positive_float
 
 __all__ = ["add_backup_parser", "cmd_backup", "cmd_restore", "main", "run"]
 
@@ -40,7 +41,7 @@ def add_backup_parser(subparsers: Any) -> tuple[argparse.ArgumentParser, argpars
     )
     backup.add_argument("out", metavar="OUT", help="new or empty directory to write the backup into")
     backup.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="data directory of the running stack (default: %(default)s)")
-    backup.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the shards to apply the log (default: %(default)s)")
+    backup.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for the shards to apply the log (default: %(default)s)")
     backup.add_argument("--keep", type=int, default=3, help="snapshots kept per shard in the stack's own DIR/snapshots (default: %(default)s)")
     backup.add_argument("--json", action="store_true", help="end standard output with the manifest as one JSON object")
     backup.set_defaults(handler=cmd_backup)

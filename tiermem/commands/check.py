@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from events.errors import TiermemError
+from tiermem.commands.arguments import positive_int
 from tiermem.commands.curve import add_curve_arguments, curve_from_args
 
 __all__ = ["add_check_parser", "cmd_check", "endpoints_from_url"]
@@ -66,13 +67,13 @@ def add_check_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--examples",
-        type=int,
+        type=positive_int,
         default=None,
         help="number of generated examples (default: 600 for ci, 2000 for long)",
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="maximum steps per example (default: 40 for ci, 60 for long)",
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from events.errors import TiermemError
+from tiermem.commands.arguments import non_negative_int, positive_float
 from tiermem.commands.curve import add_curve_arguments, curve_from_args
 
 __all__ = ["add_doctor_parser", "cmd_doctor", "load_target", "print_report"]
@@ -52,25 +53,25 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=defaults.timeout_s,
         help="seconds each request to Redis, the router or the Celery workers may take (default: %(default)s)",
     )
     parser.add_argument(
         "--min-free-mb",
-        type=int,
+        type=non_negative_int,
         default=defaults.min_free_bytes // 1024**2,
         help="free MiB below which the data directory's file system fails the check (default: %(default)s)",
     )
     parser.add_argument(
         "--max-apply-lag",
-        type=int,
+        type=non_negative_int,
         default=defaults.max_apply_lag,
         help="unapplied events per shard above which the apply lag check fails (default: %(default)s)",
     )
     parser.add_argument(
         "--max-projection-lag",
-        type=int,
+        type=non_negative_int,
         default=defaults.max_projection_lag,
         help="events the search projection may be behind the log (default: %(default)s)",
     )

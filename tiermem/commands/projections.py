@@ -14,6 +14,8 @@ from pathlib import Path
 
 import msgspec
 
+from tiermem.commands.arguments import positive_float, positive_int
+
 __all__ = ["add_projection_parsers"]
 
 
@@ -101,7 +103,7 @@ def add_projection_parsers(commands: argparse._SubParsersAction) -> None:
 
     stats = commands.add_parser("stats", help="records and bytes per tier per namespace, hot and cold keys")
     stats.add_argument("--namespace", help="one namespace, with its hot and cold keys")
-    stats.add_argument("--top", type=int, default=10, help="number of hot and cold keys (default: %(default)s)")
+    stats.add_argument("--top", type=positive_int, default=10, help="number of hot and cold keys (default: %(default)s)")
     stats.add_argument("--json", action="store_true", help="print one compact JSON line")
     data_dir(stats)
     stats.set_defaults(handler=cmd_stats)
@@ -120,6 +122,6 @@ def add_projection_parsers(commands: argparse._SubParsersAction) -> None:
 
     projections = commands.add_parser("projections", help="catch the projections up with the log now")
     projections.add_argument("action", choices=("run",), help="run: apply the log to every projection once")
-    projections.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: until caught up)")
+    projections.add_argument("--max-seconds", type=positive_float, default=None, help="stop after this long (default: until caught up)")
     data_dir(projections)
     projections.set_defaults(handler=cmd_projections_run)

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from events.errors import TiermemError
+from tiermem.commands.arguments import non_negative_int, positive_float, positive_int
 
 __all__ = ["add_replay_parser", "add_snapshot_parser", "cmd_replay", "cmd_snapshot", "main", "print_view_get", "run"]
 
@@ -64,9 +65,9 @@ def _seq(text: str) -> int:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="data directory of the stack (default: %(default)s)")
     parser.add_argument("--local", action="store_true", help="run in this process instead of as Celery tasks on the replay queue")
-    parser.add_argument("--shard", type=int, default=None, help="work on this shard only (default: every shard)")
+    parser.add_argument("--shard", type=non_negative_int, default=None, help="work on this shard only (default: every shard)")
     parser.add_argument("--json", action="store_true", help="end standard output with one JSON object of the results")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the shards' tasks (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the shards' tasks (default: %(default)s)")
 
 
 def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -88,7 +89,7 @@ def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
     mode.add_argument("--discard", type=_view_name, metavar="NAME", help="delete the view NAME")
     parser.add_argument("--view", type=_view_name, metavar="NAME", help="name of the view --to-seq or --as-of builds (default: seq-N)")
     parser.add_argument("--from-empty", action="store_true", help="with --verify: replay the whole log instead of starting from snapshots")
-    parser.add_argument("--max-keys", type=int, default=10, help="with --verify: differing keys listed per tier (default: %(default)s)")
+    parser.add_argument("--max-keys", type=positive_int, default=10, help="with --verify: differing keys listed per tier (default: %(default)s)")
     _add_common(parser)
     parser.set_defaults(handler=cmd_replay)
     return parser
