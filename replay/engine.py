@@ -50,6 +50,7 @@ from tiers.snapshot import Snapshot, list_snapshots, read_snapshot, write_snapsh
 from tiers.sqlite_tier import SqliteTier
 
 __all__ = [
+    "InvalidViewNameError",
     "KeyDifference",
     "ReplayError",
     "ReplayTarget",
@@ -91,6 +92,10 @@ class ReplayError(TiermemError):
 
 class ViewNotFoundError(ReplayError):
     """No view of that name exists under the data directory."""
+
+
+class InvalidViewNameError(ReplayError, ValueError):
+    """A view name that is not a plain folder name, such as `../x`."""
 
 
 # ----------------------------------------------------------- the stack
@@ -551,9 +556,9 @@ class ViewShard(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def view_root(data_dir: str | Path, name: str) -> Path:
-    """Return the directory of view `name`; raise ValueError for an invalid name."""
+    """Return the directory of view `name`; raise `InvalidViewNameError` (a ValueError) for an invalid name."""
     if not _VIEW_NAME.match(name):
-        raise ValueError(
+        raise InvalidViewNameError(
             f"view name {name!r} is invalid: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return Path(data_dir) / "views" / name

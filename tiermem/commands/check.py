@@ -376,9 +376,17 @@ def _report(result, args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    import msgspec
+
     from tiermem.check.runner import load_failing_run
 
-    report = load_failing_run(args.replay)
+    try:
+        report = load_failing_run(args.replay)
+    except (msgspec.DecodeError, msgspec.ValidationError, json.JSONDecodeError, KeyError) as error:
+        raise SystemExit(
+            f"tiermem check: {args.replay} is not a failing run written by `tiermem check` "
+            f"(one JSON event per line, with its .json description beside it): {error}"
+        ) from None
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     if report.passed:
         say(
