@@ -38,9 +38,23 @@ from events.types import (
     Value,
 )
 
-__all__ = ["Client", "ClientError", "RequestTimeout", "load_endpoints"]
+__all__ = ["PENDING", "Client", "ClientError", "RequestTimeout", "load_endpoints"]
 
 log = structlog.get_logger("tiermem.client")
+
+
+class _Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+# Yielded by a source of `Client.stream` that has no request ready yet, so
+# the stream hands out the replies that arrived instead of blocking on it.
+PENDING: Any = _Pending()
+
+# Seconds `Client.stream` waits for replies before it reads again from a
+# source that yielded PENDING.
+PENDING_POLL_S = 0.05
 
 _RETRYABLE = (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL)
 
@@ -159,7 +173,11 @@ class Client:
         """Yield replies in request order, keeping up to `window` requests in flight.
 
         `Busy` and retryable `Error` replies are resent after the router's
-        hint; other `Error`s are yielded for the caller to inspect.
+        hint; other `Error`s are yielded for the caller to inspect. A source
+        that reads from a slow producer (a pipe, a terminal) yields
+        `PENDING` when it has no request ready: the stream then yields the
+        replies that have arrived and reads from it again after at most
+        `PENDING_POLL_S` seconds.
         """
         sock = self._socket(lane)
         source = iter(messages)
@@ -175,11 +193,15 @@ class Client:
         poller.register(sock, zmq.POLLIN)
 
         while True:
+            pending = False
             while not exhausted and len(frames) < window:
                 try:
                     message = next(source)
                 except StopIteration:
                     exhausted = True
+                    break
+                if message is PENDING:
+                    pending = True
                     break
                 if message.id is None:
                     message = msgspec.structs.replace(message, id=uuid.uuid4().hex)
@@ -203,6 +225,8 @@ class Client:
             deadlines = [sent_at[r] + self.timeout for r in frames if r not in retry_at]
             deadlines += list(retry_at.values())
             wait = max(0.0, min(deadlines) - now) if deadlines else self.timeout
+            if pending:
+                wait = min(wait, PENDING_POLL_S)
             if poller.poll(int(wait * 1000) + 1):
                 while True:
                     try:

@@ -103,35 +103,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from bus.client import Client
-    from events.codec import decode_request
-    from events.errors import ProtocolError
     from events.errors import TiermemError
-    from events.limits import Limits
-    from events.types import Error
+    from tiermem.commands.publish import print_reply, publish_lines
 
     try:
-        source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")
+        source = sys.stdin.buffer if args.file in (None, "-") else open(args.file, "rb")
     except OSError as error:
         raise TiermemError(f"cannot read {args.file}: {error.strerror}") from None
-    messages = []
-    rejected = 0
-    for number, line in enumerate(source, start=1):
-        if not line.strip():
-            continue
-        try:
-            message, _ = decode_request(line.encode(), Limits())
-        except ProtocolError as error:
-            rejected += 1
-            reply = Error(id=error.event_id, code=error.code, message=f"line {number}: {error.message}", field=error.field)
-            print(msgspec.json.encode(reply).decode(), flush=True)
-            continue
-        messages.append(message)
-    failed = 0
-    with Client(_endpoints(args), timeout=args.timeout) as client:
-        for reply in client.stream(messages, lane=args.priority):
-            if isinstance(reply, Error):
-                failed += 1
-            print(msgspec.json.encode(reply).decode(), flush=True)
+    with source, Client(_endpoints(args), timeout=args.timeout) as client:
+        rejected, failed = publish_lines(client, source, lane=args.priority, emit=print_reply)
     # Every reply but Error counts as success: Ack, Value, NotFound, Results, Conflict.
     return 0 if rejected == 0 and failed == 0 else 1
 
@@ -189,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish = commands.add_parser(
         "publish",
         help="send events read as JSON lines; print each reply as a JSON line",
-        description="Exit status 0 when every line got a reply that is not Error, 1 otherwise.",
+        description=(
+            "Print one reply per non-blank input line, in input order, as soon as it arrives. "
+            "Exit status 0 when every line got a reply that is not Error, 1 otherwise."
+        ),
     )
     publish.add_argument("file", nargs="?", help="file of JSON lines, or - for standard input (default)")
     publish.add_argument("--priority", choices=("high", "normal", "low"), default="normal", help="lane to send on (default: %(default)s)")
