@@ -21,7 +21,7 @@ from events.types import Maintain, Store
 from replay.celery_app import slot_number
 from replay.tasks.maintenance import maintenance_event_id
 from tiermem.commands.doctor import add_doctor_parser
-from tiermem.config import StackConfig
+from tiermem.config import StackConfig, write_stack_config
 from tiermem.doctor import CHECK_ORDER, DoctorOptions, check_beat
 from tiermem.stack import Stack
 
@@ -301,6 +301,22 @@ def test_doctor_without_stack(capsys, tmp_path):
     assert report["ok"] is False
     assert failed_names(report) == ["settings"]
     assert "stack.json does not exist" in by_name(report)["settings"]["detail"]
+
+
+def test_doctor_on_stopped_stack(capsys, tmp_path):
+    """A data directory whose stack stopped is reported at once, not by every check timing out."""
+    data_dir = tmp_path / "stopped"
+    data_dir.mkdir()
+    config = StackConfig(data_dir=str(data_dir), shards=1)
+    write_stack_config(config, data_dir / "stack.json")
+    (data_dir / "stack.lock").write_text("12345\n")
+
+    status, report = doctor(capsys, "--data-dir", str(data_dir))
+
+    assert status == 1
+    assert failed_names(report) == ["settings"]
+    assert "no stack runs in" in by_name(report)["settings"]["detail"]
+    assert f"tiermem up --data-dir {data_dir}" in by_name(report)["settings"]["detail"]
 
 
 def test_doctor_rejects_invalid_config(capsys, tmp_path):

@@ -110,12 +110,19 @@ def load_target(data_dir: str | None, config_file: str | None):
             }
             config.router = msgspec.structs.replace(config.router, ports=ports)
     else:
+        from tiermem.stack import stack_lock_held
+
         directory = Path(data_dir or DEFAULT_DATA_DIR)
         config = _running_config(directory)
         if config is None:
             raise TiermemError(
                 f"{directory / 'stack.json'} does not exist, so no stack runs there: start one with "
                 f"`tiermem up --data-dir {directory}`, or pass --config FILE for a stack started elsewhere"
+            )
+        if (directory / "stack.lock").exists() and not stack_lock_held(directory):
+            raise TiermemError(
+                f"no stack runs in {directory}: its stack.lock is not held, so the `tiermem up` that "
+                f"used it has stopped; start it again with `tiermem up --data-dir {directory}`"
             )
     return config, _endpoints(config)
 
