@@ -481,8 +481,8 @@ class Stack:
         """Restart every child that exits, until a signal handler raises; return 1 when one keeps failing.
 
         A Redis server restarts on its own port and data directory, so the
-        clients of the other processes reconnect to it; the router, the
-        Celery worker and beat restart as `start` started them. A child that
+        other processes reconnect to it. The router, the Celery worker and
+        beat restart as `start` started them. A child that
         needs more than `max_restarts` restarts within `window_s` seconds
         makes this return, and so does an exited Ray head: the shard actors
         died with it, and the stack cannot be resumed in place.
@@ -548,7 +548,7 @@ class Stack:
 
 
 def stack_lock_held(data_dir: str | os.PathLike[str]) -> bool:
-    """Return True while a stack, or a process it started, holds `DIR/stack.lock`."""
+    """Return True while a stack, or a process it started, has `DIR/stack.lock` locked."""
     path = Path(data_dir) / "stack.lock"
     try:
         handle = open(path, encoding="utf-8")
