@@ -219,3 +219,26 @@ def test_page_rejects_bad_limit(travel):
 
     with pytest.raises(InvalidRequestError, match="limit 0 is invalid"):
         machine.page(state, changes_only=False, offset=0, limit=0)
+
+
+def test_namespace_forget_hides_past_values(tmp_path):
+    events = logged(
+        [
+            Store(namespace="agent", key="plan", value="red apples"),  # 1
+            Store(namespace="agent", key="secret", value="code 0451"),  # 2
+            Forget(namespace="agent"),  # 3
+            Store(namespace="agent", key="fresh", value="after the forget"),  # 4
+        ]
+    )
+    machine = TimeTravel(FakeSources(events, tmp_path / "snapshots"))
+
+    state = machine.state("agent", 2, 4)
+    rows = rows_by_key(machine.page(state, changes_only=False, offset=0, limit=100))
+
+    assert sorted(rows) == ["fresh", "plan", "secret"]
+    for key in ("plan", "secret"):
+        assert rows[key]["change"] == "removed"
+        assert rows[key]["forgotten_seq"] == 3
+        assert rows[key]["then"]["value"] is None
+    assert rows["fresh"]["forgotten_seq"] is None
+    assert rows["fresh"]["now"]["value"] == '"after the forget"'

@@ -61,8 +61,9 @@ class KeyState(msgspec.Struct, frozen=True, kw_only=True):
 class PastState:
     """The namespace's records after `seq` (then) and after `now_seq` (now).
 
-    `forgotten` maps each key that a Forget removed after `seq` to the seq
-    of that Forget; a rejected conditional Forget does not count.
+    `forgotten` maps each key that a Forget (of the key or of the whole
+    namespace) removed after `seq` to the seq of the last such Forget; a
+    rejected conditional Forget does not count.
     """
 
     def __init__(self, namespace: str, seq: int, ts: int, host: Shard) -> None:
@@ -250,7 +251,11 @@ class TimeTravel:
                     and event.namespace == state.namespace
                     and event.id not in rejected
                 ):
-                    state.forgotten[event.key] = event.seq or 0
+                    # A Forget without a key forgets the whole namespace,
+                    # so every key it had at `seq` has its value hidden.
+                    keys = [event.key] if event.key is not None else list(state.then)
+                    for key in keys:
+                        state.forgotten[key] = event.seq or 0
         if last != state.now_seq:
             state.now_ts = event_ts(event_log, last)
         state.now_seq = last
