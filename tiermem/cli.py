@@ -20,19 +20,11 @@ DEFAULT_DATA_DIR = ".tiermem"
 
 def _endpoints(args: argparse.Namespace) -> dict[str, str]:
     from bus.client import load_endpoints
+    from tiermem.commands.check import endpoints_from_url
 
     if getattr(args, "endpoint", None):
-        return _endpoints_from_url(args.endpoint)
+        return endpoints_from_url(args.endpoint)
     return load_endpoints(args.data_dir)
-
-
-def _endpoints_from_url(url: str) -> dict[str, str]:
-    """Accept tcp://HOST:PORT of the high lane; the others follow it."""
-    prefix, _, port = url.rpartition(":")
-    if not prefix.startswith("tcp://") or not port.isdigit():
-        raise SystemExit(f"--endpoint {url!r} is invalid: expected tcp://HOST:PORT of the high lane")
-    base = int(port)
-    return {lane: f"{prefix}:{base + offset}" for offset, lane in enumerate(("high", "normal", "low", "pub"))}
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
