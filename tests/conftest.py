@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import structlog
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -28,6 +29,25 @@ from tiermem.ray_head import RayHead  # noqa: E402
 from tiermem.servers import RedisServer, free_ports, wait_until  # noqa: E402
 
 RANDOM_PORTS = {"high": 0, "normal": 0, "low": 0, "pub": 0}
+
+
+@pytest.fixture(autouse=True)
+def structlog_not_configured() -> Iterator[None]:
+    """Fail a test that configures structlog in the test process.
+
+    `configure_logging` caches a level filter in every logger it touches,
+    so the log captures of all later tests would see nothing. Run a command
+    that configures logging in a child process instead.
+    """
+    yield
+    # `capture_logs` configures processors too, but only `configure_logging`
+    # turns on logger caching.
+    if structlog.get_config()["cache_logger_on_first_use"]:
+        structlog.reset_defaults()
+        pytest.fail(
+            "this test configured structlog in the test process, which silences the "
+            "log captures of later tests; run the command in a child process"
+        )
 
 
 @pytest.fixture

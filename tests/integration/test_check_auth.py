@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
 from bus.auth import AuthSettings, ClientGrant, generate_keypair, load_keys
 from bus.router import RouterSettings
-from tiermem.commands.check import add_check_parser
 
 pytestmark = pytest.mark.integration
 
 RANDOM_PORTS = {"high": 0, "normal": 0, "low": 0, "pub": 0}
+CHECK_TIMEOUT_S = 120
 
 
 @pytest.fixture
@@ -36,18 +37,27 @@ def secured(start_router, tmp_path):
     return data_dir, files
 
 
-def run_check(capsys, *args: str) -> int:
-    parser = argparse.ArgumentParser(prog="tiermem")
-    add_check_parser(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(["check", *args])
-    capsys.readouterr()
-    return parsed.handler(parsed)
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `tiermem check` in a child process, as a user would.
+
+    Not in this process: the command configures structlog for itself,
+    which would silence the log captures of later tests.
+    """
+    return subprocess.run(
+        [
+            sys.executable, "-c",
+            "import sys; from tiermem.cli import main; sys.exit(main())",
+            "check", *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CHECK_TIMEOUT_S,
+    )  # fmt: skip
 
 
-def test_check_endpoint_with_client_key(secured, capsys):
+def test_check_endpoint_with_client_key(secured):
     data_dir, files = secured
-    status = run_check(
-        capsys,
+    result = run_check(
         "--target", "endpoint",
         "--data-dir", str(data_dir),
         "--client-key", str(files["checker"][1]),
@@ -57,8 +67,8 @@ def test_check_endpoint_with_client_key(secured, capsys):
         "--seed", "11",
         "--json",
     )  # fmt: skip
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert status == 0, summary
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["passed"] is True
     assert summary["examples"] >= 4
     assert summary["seed"] == 11
@@ -73,20 +83,24 @@ def test_check_endpoint_with_client_key(secured, capsys):
     ],
     ids=["public-file-as-client-key", "no-server-key", "server-key-not-found"],
 )
-def test_check_rejects_bad_keys(secured, capsys, client_file, server_args, message):
+def test_check_rejects_bad_keys(secured, client_file, server_args, message):
     data_dir, files = secured
     paths = {"server": str(files["server"][0]), "missing": str(data_dir / "none.key")}
     server = [paths.get(arg, arg) for arg in server_args]
-    with pytest.raises(SystemExit, match=message):
-        run_check(
-            capsys,
-            "--target", "endpoint",
-            "--data-dir", str(data_dir),
-            "--client-key", str(files["checker"][client_file]),
-            *server,
-        )  # fmt: skip
+
+    result = run_check(
+        "--target", "endpoint",
+        "--data-dir", str(data_dir),
+        "--client-key", str(files["checker"][client_file]),
+        *server,
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert message in result.stderr
 
 
-def test_check_rejects_client_key_for_stack(capsys):
-    with pytest.raises(SystemExit, match="--client-key is for --target endpoint"):
-        run_check(capsys, "--target", "stack", "--client-key", "keys/me.key_secret")
+def test_check_rejects_client_key_for_stack():
+    result = run_check("--target", "stack", "--client-key", "keys/me.key_secret")
+
+    assert result.returncode == 1
+    assert "--client-key is for --target endpoint" in result.stderr
