@@ -90,12 +90,7 @@ def test_success_counted_with_duration(enabled):
 
 
 def test_duration_series_exists_while_task_runs(enabled):
-    """In multiprocess mode this creates the histogram file before the task is counted.
-
-    A scrape lists the files first and reads them after; a histogram file
-    created only at the end could be missed by a scrape that still reads
-    the finished count.
-    """
+    """The duration series of a running task exists, at count 0, from its start."""
     signals.task_prerun.send(sender=TASK, task_id="t9", task=TASK)
     registry = enabled.registry
     assert (
