@@ -158,12 +158,12 @@ def test_store_acked_while_stm_down_survives(start_router, servers):
 
 
 def test_stack_target_rejects_router_with_records(start_router):
-    """A router that already holds memories would make every tier count differ from the model."""
+    """A router that already contains memories would make every tier count differ from the model."""
     router = start_router(shards=2, policy=STACK_POLICY)
     with router.client() as client:
         client.store("mine", "user data", namespace="tenant")
 
-    with pytest.raises(SystemExit, match=r"already holds records \(shard (\d) cache: 1, shard \1 stm: 1\)"):
+    with pytest.raises(SystemExit, match=r"already contains records \(shard (\d) cache: 1, shard \1 stm: 1\)"):
         _require_empty(router.endpoints)
 
 

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,24 +19,13 @@ import redis
 
 from bus.client import Client
 from events.types import Ack, Get, Store, Value
+from tiermem.servers import wait_until
 from tiermem.stack import stack_lock_held
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 60
-
-
-def wait_for(condition, *, timeout: float, what: str):
-    """Poll `condition` until it returns a true value, and return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def running(pid: int) -> bool:
@@ -75,7 +63,7 @@ class Up:
                 stderr=err,
                 env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"),
             )  # fmt: skip
-        self.endpoints: dict[str, str] = wait_for(
+        self.endpoints: dict[str, str] = wait_until(
             self._printed_endpoints,
             timeout=START_TIMEOUT_S,
             what="tiermem up to print its endpoints",
@@ -137,12 +125,12 @@ def test_up_restarts_killed_redis(up):
     before = up.redis_pids()["stm"]
     os.kill(before, signal.SIGKILL)
 
-    after = wait_for(
+    after = wait_until(
         lambda: _stm_pid_if_restarted(up, before),
         timeout=60,
         what="tiermem up to restart the STM Redis",
     )
-    wait_for(
+    wait_until(
         lambda: up.events("stack.child.restarted"),
         timeout=10,
         what="stack.child.restarted in the output of tiermem up",
@@ -176,12 +164,12 @@ def test_up_leaves_no_children(up, stop_signal):
 
     up.process.send_signal(stop_signal)
     status = up.process.wait(STOP_TIMEOUT_S)
-    wait_for(
+    wait_until(
         lambda: not any(running(pid) for pid in children),
         timeout=STOP_TIMEOUT_S,
         what=f"the children {children} to stop",
     )
-    wait_for(
+    wait_until(
         lambda: not stack_lock_held(up.data_dir),
         timeout=STOP_TIMEOUT_S,
         what="the stack's lock to be free",

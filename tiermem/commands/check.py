@@ -304,7 +304,7 @@ def _require_empty(endpoints: dict[str, str]) -> None:
             f"shard {digest.shard} {digest.tier}: {digest.records}" for digest in holding
         )
         raise SystemExit(
-            f"tiermem check: the router at {endpoints['high']} already holds records ({where}); "
+            f"tiermem check: the router at {endpoints['high']} already contains records ({where}); "
             "--target stack compares every tier with the model, so it needs a router given to the "
             "check alone. Check a deployment in use with --target endpoint."
         )

@@ -16,7 +16,7 @@ from typing import IO
 
 import msgspec
 
-from bus.client import PENDING, Client
+from bus.client import PENDING, PENDING_POLL_S, Client
 from events.codec import decode_request
 from events.errors import ErrorCode, ProtocolError
 from events.limits import Limits
@@ -110,7 +110,7 @@ def publish_lines(
     def requests() -> Iterator[Message]:
         while True:
             try:
-                item = lines.get(timeout=0.05) if ordered.in_flight else lines.get()
+                item = lines.get(timeout=PENDING_POLL_S) if ordered.in_flight else lines.get()
             except queue.Empty:
                 yield PENDING
                 continue
